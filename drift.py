@@ -1,0 +1,465 @@
+"""
+Drifting models and DriftXpress in one file: drifting fields (exact and projected), landmarks, feature
+normalisation and the drifting loss, the frozen-encoder wrapper and the one-step generator.
+
+A drifting model trains a one-step generator x = f(noise) by moving its samples along a field V that
+attracts them to the data and repels them from each other; at equilibrium V = 0 and the generated
+distribution equals the data distribution. The loss is MSE(x, stopgrad(x + V)).
+
+References:
+1) Deng, Li, Li, Du, He, "Generative Modeling via Drifting", arXiv 2602.04770.
+   Algorithm 1 (training step), Algorithm 2 (the field), Eq. 8-10 (mean-shift form), §3.5 and A.7 (CFG),
+   A.5 (multi-scale features), A.6 (feature and drift normalisation).
+2) Falahati, Creager, Kamath, Mohapatra, "DriftXpress: Faster Drifting Models via Projected RKHS Fields",
+   arXiv 2605.12183. Nystrom features phi(x) = k(x,U)(k(U,U) + ridge I)^(-1/2), cached summaries.
+3) "A Unified View of Score-Based and Drifting Models", arXiv 2603.07514: the Gaussian-kernel mean shift
+   is T^2 (grad log p_T - grad log q_T) (Tweedie), tested in tests/test_fields.py.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels and fields
+
+KERNELS = ("laplace", "gaussian")
+
+
+def _check_points(x, y_pos, y_neg=None, weights=None):
+    """One clear ValueError for the mistakes people make with point sets."""
+    for name, t in (("x", x), ("y_pos", y_pos), ("y_neg", y_neg)):
+        if t is None:
+            continue
+        if not torch.is_tensor(t) or t.dim() < 2:
+            raise ValueError(f"{name} must be a tensor shaped [..., N, D], got {getattr(t, 'shape', type(t))}")
+        if t.shape[-2] == 0 or t.shape[-1] == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): every point set needs at least one point")
+        if t.shape[-1] != x.shape[-1]:
+            raise ValueError(f"{name} has dimension {t.shape[-1]} but x has {x.shape[-1]}: features must match")
+    if weights is not None and y_neg is not None and weights.shape[-1] != y_neg.shape[-2]:
+        raise ValueError(f"neg_weights has {weights.shape[-1]} entries but there are {y_neg.shape[-2]} negatives")
+
+
+def _fp32(t):
+    """Fields are computed in float32 at least, whatever the inputs or autocast say."""
+    return None if t is None else t.detach().to(torch.promote_types(t.dtype, torch.float32))
+
+
+def pairwise_distance(x, y):
+    """L2 distances (not squared) between rows: x [..., N, D], y [..., M, D] -> [..., N, M]."""
+    batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    centre = y.mean(-2, keepdim=True)  # distances are translation invariant; centring cuts rounding error
+    x = (x - centre).expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:])  # (B, N, D)
+    y = (y - centre).expand(*batch, *y.shape[-2:]).reshape(-1, *y.shape[-2:])  # (B, M, D)
+    # |x|^2 + |y|^2 - 2 x.y with the |y|^2 term fused into the matmul; rounding can dip below zero
+    d2 = torch.baddbmm((y * y).sum(-1).unsqueeze(1), x, y.transpose(1, 2), alpha=-2)  # (B, N, M)
+    d2.add_((x * x).sum(-1, keepdim=True))
+    return d2.clamp_min_(0).sqrt_().view(*batch, x.shape[1], y.shape[1])
+
+
+def log_kernel(x, y, temperature, kernel="laplace"):
+    """log k(x, y): laplace k = exp(-r/T), gaussian k = exp(-r^2 / (2 T^2)); [..., N, M]."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    r = pairwise_distance(x, y)
+    return r.mul_(-1.0 / temperature) if kernel == "laplace" else r.square_().mul_(-0.5 / temperature**2)
+
+
+def _negatives(x, y_neg, mask_self):
+    """Resolve the negatives: None means the queries themselves, with their own column masked."""
+    if y_neg is None:
+        return x, True
+    mask_self = False if mask_self is None else mask_self
+    if mask_self and y_neg.shape[-2] < x.shape[-2]:
+        raise ValueError("mask_self=True needs the first N negatives to be the N queries themselves")
+    return y_neg, mask_self
+
+
+def _mask_diagonal_(logits, offset):
+    """Set logits[..., i, offset + i] = -inf: a query never sees itself as a negative."""
+    n = logits.shape[-2]
+    logits[..., :, offset:offset + n].diagonal(dim1=-2, dim2=-1).fill_(-math.inf)
+    return logits
+
+
+def drift_field(x, y_pos, y_neg=None, temperature=0.05, neg_weights=None, mask_self=None, chunk_size=None):
+    """
+    The exact drifting field, Algorithm 2 of [1], without gradient and in float32.
+    x [..., N, D] queries, y_pos [..., Np, D] positives, y_neg [..., Nn, D] negatives (None: x itself with
+    each query's own column masked). neg_weights [..., Nn] multiply the negatives' entries of A after the
+    softmax (the CFG weights of [1] §3.5). Leading dims are independent fields (classes, feature locations).
+    chunk_size: queries per chunk; set it to bound memory at O(chunk x (Np + Nn)) (distances are then
+    computed twice: once for the column normalisers, once for the field). Returns V [..., N, D].
+    """
+    _check_points(x, y_pos, y_neg, neg_weights)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        x, y_pos, y_neg, neg_weights = _fp32(x), _fp32(y_pos), _fp32(y_neg), _fp32(neg_weights)
+        y_neg, mask_self = _negatives(x, y_neg, mask_self)
+        n, n_pos = x.shape[-2], y_pos.shape[-2]
+        if mask_self and n < 2 and n_pos == 0:
+            raise ValueError("a single query with no positives has no field")
+        batch = torch.broadcast_shapes(x.shape[:-2], y_pos.shape[:-2], y_neg.shape[:-2])
+        y_pos, y_neg = y_pos.expand(*batch, *y_pos.shape[-2:]), y_neg.expand(*batch, *y_neg.shape[-2:])
+        y = torch.cat([y_pos, y_neg], -2)  # (..., Np+Nn, D)
+
+        def logits(rows):  # 1. logits = -dist/T over the joint [pos | neg] columns, self masked
+            out = pairwise_distance(x[..., rows, :], y).mul_(-1.0 / temperature)
+            if mask_self:
+                out[..., :, n_pos + rows.start:n_pos + rows.stop].diagonal(dim1=-2, dim2=-1).fill_(-math.inf)
+            return out  # (..., rows, Np+Nn)
+
+        step = chunk_size or n
+        chunks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
+        # 2. column normalisers log c_j = logsumexp_i logits_ij (the softmax over dim -2), chunk by chunk
+        if len(chunks) == 1:
+            cached = logits(chunks[0])
+            log_col = torch.logsumexp(cached, dim=-2)
+        else:
+            cached = None
+            log_col = torch.stack([torch.logsumexp(logits(rows), dim=-2) for rows in chunks]).logsumexp(0)
+        log_col = log_col.clamp_min(-1e30).mul_(0.5).unsqueeze(-2)  # a fully masked column gives A = 0, not NaN
+        v = x.new_empty(*batch, n, x.shape[-1])
+        for rows in chunks:
+            lg = cached if cached is not None else logits(rows)
+            # 3. A = sqrt(softmax_rows * softmax_cols) = exp(logit - log r_i / 2 - log c_j / 2)
+            log_row = torch.logsumexp(lg, dim=-1, keepdim=True)  # (..., rows, 1)
+            a = lg.sub_(log_row.clamp_min_(-1e30).mul_(0.5)).sub_(log_col).exp_()
+            a_pos, a_neg = a[..., :n_pos], a[..., n_pos:]  # (..., rows, Np), (..., rows, Nn)
+            if neg_weights is not None:
+                a_neg.mul_(neg_weights.unsqueeze(-2))
+            # 4. W_pos = A_pos * rowsum(A_neg), W_neg = A_neg * rowsum(A_pos); V = W_pos y_pos - W_neg y_neg
+            sum_pos, sum_neg = a_pos.sum(-1, keepdim=True), a_neg.sum(-1, keepdim=True)
+            v[..., rows, :] = (a_pos @ y_pos).mul_(sum_neg).sub_((a_neg @ y_neg).mul_(sum_pos))
+        return v
+
+
+def _barycentre(log_k, y, weights=None):
+    """Row-normalised kernel barycentre sum_j k_ij w_j y_j / sum_j k_ij w_j, shifted per row in log space."""
+    k = (log_k - log_k.amax(-1, keepdim=True).clamp_min(-1e30)).exp_()  # max entry of each row is 1
+    if weights is not None:
+        k = k * weights.unsqueeze(-2)  # a zero weight gives 0, never (-inf) - (-inf)
+    return (k @ y) / k.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def mean_shift_field(x, y_pos, y_neg=None, temperature=0.05, kernel="laplace", neg_weights=None, mask_self=None):
+    """
+    The one-sided mean-shift field of [1] Eq. 8-10, the form DriftXpress projects:
+    V(x) = E_k[y_pos | x] - E_k[y_neg | x], each a row-normalised kernel barycentre. Same conventions as
+    drift_field. Anti-symmetric: swapping positives and negatives flips V, and V = 0 when they are equal.
+    """
+    _check_points(x, y_pos, y_neg, neg_weights)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        x, y_pos, y_neg, neg_weights = _fp32(x), _fp32(y_pos), _fp32(y_neg), _fp32(neg_weights)
+        y_neg, mask_self = _negatives(x, y_neg, mask_self)
+        if mask_self and x.shape[-2] < 2 and y_neg.shape[-2] < 2:
+            raise ValueError("repulsion from the batch itself needs at least 2 queries")
+        attraction = _barycentre(log_kernel(x, y_pos, temperature, kernel), y_pos)
+        log_k = log_kernel(x, y_neg, temperature, kernel)
+        if mask_self:
+            _mask_diagonal_(log_k, 0)
+        return attraction - _barycentre(log_k, y_neg, neg_weights)
+
+
+def field_fidelity(v_approx, v_exact):
+    """How close an approximate field is to the exact one: mean cosine over queries, relative L2 error
+    ||V^ - V||_F / ||V||_F, and target MSE mean_i ||V^_i - V_i||^2 / D (the loss the error would add)."""
+    a, b = v_approx.detach().double(), v_exact.detach().double()
+    if a.shape != b.shape:
+        raise ValueError(f"fields have different shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    cos = F.cosine_similarity(a, b, dim=-1, eps=1e-30).mean()
+    rel = (a - b).norm() / b.norm().clamp_min(1e-300)
+    mse = (a - b).square().sum(-1).mean() / a.shape[-1]
+    return {"cos": cos.item(), "rel_l2": rel.item(), "target_mse": mse.item()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# landmarks and the projected (Nystrom) field of DriftXpress [2]
+
+def _select_indices(y, m, strategy, generator):
+    """Indices of m distinct rows of y [n, D] chosen by one strategy."""
+    n = y.shape[0]
+    first = torch.randperm(n, generator=generator)[:m].to(y.device)
+    if strategy == "random":
+        return first
+    if strategy == "kcenter":  # greedy farthest point: each new landmark is the sample farthest from the chosen
+        chosen = [first[0]]
+        gap = pairwise_distance(y, y[first[:1]]).squeeze(-1)  # (n,) distance to the nearest chosen landmark
+        for _ in range(m - 1):
+            chosen.append(gap.argmax())
+            gap = torch.minimum(gap, pairwise_distance(y, y[chosen[-1]][None]).squeeze(-1))
+        return torch.stack(chosen)
+    # k-means (Lloyd) from a random start, then each centroid snapped to its nearest unused real sample
+    centroids = y[first].clone()
+    for _ in range(25):
+        assign = pairwise_distance(y, centroids).argmin(-1)  # (n,)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, y)
+        counts = torch.bincount(assign, minlength=m).unsqueeze(-1)
+        moved = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)  # empty clusters stay put
+        if torch.equal(moved, centroids):
+            break
+        centroids = moved
+    dist = pairwise_distance(centroids, y)  # (m, n)
+    taken = torch.zeros(n, dtype=torch.bool, device=y.device)
+    chosen = []
+    for row in dist:
+        i = row.masked_fill(taken, math.inf).argmin()
+        taken[i] = True
+        chosen.append(i)
+    return torch.stack(chosen)
+
+
+def select_landmarks(y, m, strategy="random", labels=None, generator=None, return_index=False):
+    """
+    Choose m landmarks among the real samples y [n, D] ("random", "kmeans" or "kcenter"). With labels [n]
+    (classes 0..K-1), choose m per class and return [K, m, D]. Landmarks are always real samples, so a
+    landmark's own sample pins the projected density near it. generator: a CPU torch.Generator.
+    """
+    if strategy not in ("random", "kmeans", "kcenter"):
+        raise ValueError(f"unknown landmark strategy {strategy!r}; choose random, kmeans or kcenter")
+    if y.dim() != 2 or y.shape[0] == 0:
+        raise ValueError(f"landmarks are chosen from samples shaped [n, D] with n > 0, got {tuple(y.shape)}")
+    if m < 1:
+        raise ValueError(f"need at least one landmark, got m={m}")
+    y = y.detach().float()
+    if labels is None:
+        if m > y.shape[0]:
+            raise ValueError(f"asked for {m} landmarks but there are only {y.shape[0]} samples")
+        index = _select_indices(y, m, strategy, generator)
+    else:
+        labels = torch.as_tensor(labels, device=y.device)
+        if labels.shape != (y.shape[0],):
+            raise ValueError(f"labels must be shaped [{y.shape[0]}], got {tuple(labels.shape)}")
+        index = []
+        for k in range(int(labels.max()) + 1):
+            members = (labels == k).nonzero().squeeze(-1)
+            if m > len(members):
+                raise ValueError(f"asked for {m} landmarks per class but class {k} has {len(members)} samples")
+            index.append(members[_select_indices(y[members], m, strategy, generator)])
+        index = torch.stack(index)  # (K, m)
+    return (y[index], index) if return_index else y[index]
+
+
+class NystromField:
+    """
+    The projected field of DriftXpress [2]. Landmarks U [..., M, D] (real samples); W = k(U, U);
+    phi(x) = k(x, U) (W + ridge I)^(-1/2). Attraction against ALL positives through cached sums
+    s = sum_j phi(y_j) [M] and S = sum_j phi(y_j) y_j^T [M, D]: b_pos(x) = phi(x)^T S / phi(x)^T s, at a cost
+    O(N M D) a step, whatever the number of positives. The field is the one-sided mean shift b_pos - b_neg
+    with exact repulsion over the negatives (as the authors do, for stability) or, optionally, projected.
+    Leading dims of the landmarks are independent fields; fit(..., labels) builds one per class.
+    """
+
+    def __init__(self, landmarks, temperature=0.05, ridge=1e-4, kernel="laplace", folded=True, min_density=1e-3):
+        if landmarks.dim() < 2 or landmarks.shape[-2] == 0:
+            raise ValueError(f"landmarks must be shaped [..., M, D] with M > 0, got {tuple(landmarks.shape)}")
+        if not temperature > 0 or not ridge >= 0:
+            raise ValueError(f"need temperature > 0 and ridge >= 0, got {temperature} and {ridge}")
+        self.landmarks = landmarks.detach().float()
+        self.temperature, self.ridge, self.kernel, self.folded = temperature, ridge, kernel, folded
+        self.min_density = min_density
+        # (W + ridge I)^(-1/2) by eigendecomposition in float64; W is PSD, so clamping the eigenvalues at the
+        # ridge only removes rounding noise (and keeps the inverse square root finite when ridge = 0)
+        u = self.landmarks.double()
+        w = log_kernel(u, u, temperature, kernel).exp_()  # (..., M, M)
+        evals, evecs = torch.linalg.eigh(w + ridge * torch.eye(w.shape[-1], dtype=w.dtype, device=w.device))
+        evals = evals.clamp_min(max(ridge, 1e-12 * float(evals.max())))
+        self.w_inv_sqrt = (evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.mT  # (..., M, M) float64
+        self.s = self.S = None
+        self.count = 0
+
+    def features(self, x, shift=False):
+        """phi(x) [..., N, M]. shift=True divides each row by its largest kernel value (it cancels in every
+        ratio), so that far-away queries and small temperatures never turn the weights into 0/0."""
+        log_k = log_kernel(x, self.landmarks.to(x.dtype), self.temperature, self.kernel)
+        if shift:
+            log_k = log_k - log_k.amax(-1, keepdim=True)
+        return log_k.exp_() @ self.w_inv_sqrt.to(x.dtype)
+
+    def fit(self, y_pos, labels=None, all_reduce=False, chunk_size=4096):
+        """
+        Build the summaries over all positives, in float64 and in chunks. y_pos: a tensor [..., n, D] or an
+        iterable of chunks (tensors, or (tensor, labels) pairs). With labels [n], landmarks are per class
+        [..., K, M, D] and each sample feeds its own class. Sums add up, so shards can be fitted apart:
+        all_reduce=True sums them over the processes of torch.distributed. Returns self.
+        """
+        if torch.is_tensor(y_pos):
+            n = y_pos.shape[-2]
+            chunks = [(y_pos[..., i:i + chunk_size, :], None if labels is None else labels[i:i + chunk_size])
+                      for i in range(0, n, chunk_size)] or [(y_pos, labels)]
+        else:
+            chunks = (c if isinstance(c, (tuple, list)) else (c, labels) for c in y_pos)
+        u, d = self.landmarks, self.landmarks.shape[-1]
+        self.s = torch.zeros(u.shape[:-1], dtype=torch.float64, device=u.device)  # (..., M)
+        self.S = torch.zeros(*u.shape[:-1], d, dtype=torch.float64, device=u.device)  # (..., M, D)
+        self.count = 0
+        for y, lab in chunks:
+            _check_points(y, y)
+            if y.shape[-1] != d:
+                raise ValueError(f"positives have dimension {y.shape[-1]} but the landmarks have {d}")
+            y = y.detach().to(u.device, torch.float64)
+            self.count += y.shape[-2]
+            if lab is None:
+                phi = self.features(y)  # (..., n, M)
+                self.s += phi.sum(-2)
+                self.S += phi.mT @ y
+                continue
+            lab = torch.as_tensor(lab, device=u.device)
+            if u.dim() < 3 or int(lab.max()) >= u.shape[-3]:
+                raise ValueError(f"labels need per-class landmarks [..., K, M, D] with K > {int(lab.max())}, "
+                                 f"got landmarks {tuple(u.shape)}")
+            for k in lab.unique().tolist():
+                y_k = y[..., lab == k, :].unsqueeze(-3)  # (..., 1, n_k, D)
+                u_k, w_k = u[..., k:k + 1, :, :].double(), self.w_inv_sqrt[..., k:k + 1, :, :]
+                phi = log_kernel(y_k, u_k, self.temperature, self.kernel).exp_() @ w_k  # (..., 1, n_k, M)
+                self.s[..., k, :] += phi.sum(-2).squeeze(-2)
+                self.S[..., k, :, :] += (phi.mT @ y_k).squeeze(-3)
+        if self.count == 0:
+            raise ValueError("fit got no positives")
+        if all_reduce:
+            import torch.distributed as dist
+            for t in (self.s, self.S):
+                dist.all_reduce(t)
+        # the folded form: (W + ridge I)^(-1/2) [S, s], so that a step is one product with k(x, U)
+        self.folded_summaries = (self.w_inv_sqrt @ torch.cat([self.S, self.s.unsqueeze(-1)], -1)).float()
+        return self
+
+    def _pick(self, t, classes):
+        return t if classes is None else t.index_select(t.dim() - 3, torch.as_tensor(classes, device=t.device))
+
+    def attraction(self, x, classes=None):
+        """b_pos(x) = phi(x)^T S / phi(x)^T s, the projected barycentre of all positives. x [..., N, D];
+        with classes [K'], x is [..., K', N, D] and row k of it is attracted to class classes[k]."""
+        if self.s is None:
+            raise RuntimeError("NystromField has no summaries yet: call .fit(y_pos) first")
+        _check_points(x, self.landmarks)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            x = _fp32(x)
+            u = self._pick(self.landmarks, classes)
+            log_k = log_kernel(x, u, self.temperature, self.kernel)  # (..., N, M)
+            k = (log_k - log_k.amax(-1, keepdim=True)).exp_()  # shifted: the largest weight in a row is 1
+            if self.folded:
+                out = k @ self._pick(self.folded_summaries, classes)  # (..., N, D+1)
+                num, den = out[..., :-1], out[..., -1:]
+            else:
+                phi = k @ self._pick(self.w_inv_sqrt, classes).float()  # (..., N, M)
+                num, den = phi @ self._pick(self.S, classes).float(), phi @ self._pick(self.s, classes).float()[..., None]
+            # Guard: the projected density phi^T s approximates sum_j k(x, y_j) / max_m k(x, u_m), which is
+            # about 1 or more near data (a landmark is itself a positive), but it is not a true density and
+            # can approach 0 or go negative where landmarks are sparse. There the ratio means nothing, so we
+            # fall back to the kernel barycentre of the landmarks themselves: bounded, and pointing to data.
+            ok = den > self.min_density
+            fallback = (k @ u) / k.sum(-1, keepdim=True)
+            return torch.where(ok, num / torch.where(ok, den, 1.0), fallback)
+
+    def __call__(self, x, y_neg=None, classes=None, neg_weights=None, mask_self=None, projected_repulsion=False):
+        """The projected field V(x) = b_pos(x) - b_neg(x); y_neg=None means the queries repel each other."""
+        b_pos = self.attraction(x, classes)
+        if not projected_repulsion:
+            zero = torch.zeros_like(x[..., :1, :])  # a dummy positive: only the repulsion is kept
+            return b_pos + mean_shift_field(x, zero, y_neg, self.temperature, self.kernel, neg_weights, mask_self) - zero
+        if y_neg is not None or neg_weights is not None:
+            raise ValueError("projected repulsion uses the batch itself as negatives: pass y_neg=None")
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            x = _fp32(x).double()
+            if classes is not None:  # per-class landmarks: repulsion uses the same class's projection
+                sub = NystromField.__new__(NystromField)
+                sub.__dict__.update(self.__dict__, landmarks=self._pick(self.landmarks, classes),
+                                    w_inv_sqrt=self._pick(self.w_inv_sqrt, classes))
+                return b_pos - sub._projected_repulsion(x).float()
+            return b_pos - self._projected_repulsion(x).float()
+
+    def _projected_repulsion(self, x):
+        """Batch summaries from phi of the queries, each query's own term subtracted, in float64."""
+        log_k = log_kernel(x, self.landmarks.double(), self.temperature, self.kernel)  # (..., N, M)
+        shift = log_k.amax(-1, keepdim=True)
+        phi_shifted = (log_k - shift).exp() @ self.w_inv_sqrt  # query side, shifted
+        phi = phi_shifted * shift.exp()  # summary side, true scale
+        s_batch, S_batch = phi.sum(-2, keepdim=True), phi.mT @ x  # (..., 1, M), (..., M, D)
+        own = (phi_shifted * phi).sum(-1, keepdim=True)  # (..., N, 1)
+        num = phi_shifted @ S_batch - own * x
+        den = (phi_shifted * s_batch).sum(-1, keepdim=True) - own
+        return num / torch.where(den > 0, den, math.inf)  # no projected density: no repulsion
+
+
+# ----------------------------------------------------------------------------------------------------------
+# normalisation and loss [1] A.6
+
+def feature_scale(x, y=None, weights=None, mask_self=False):
+    """
+    The feature scale S = (mean distance from the queries x [..., N, C] to the points y [..., M, C]) /
+    sqrt(C), shared over all leading dims (all locations of a feature map), without gradient. Features f/S
+    then sit at mean distance sqrt(C), where a temperature T acts as T * sqrt(C). weights [..., M] weight the
+    columns (CFG); mask_self: the first N columns of y are x itself and the self-distances are left out.
+    """
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        x = _fp32(x)
+        y, mask_self = (x, True) if y is None else (_fp32(y), mask_self)
+        dist = pairwise_distance(x, y)  # (..., N, M)
+        w = torch.ones_like(dist) if weights is None else _fp32(weights).unsqueeze(-2).expand_as(dist).clone()
+        if mask_self:
+            w[..., :, :x.shape[-2]].diagonal(dim1=-2, dim2=-1).zero_()
+        return ((dist * w).sum() / w.sum().clamp_min(1e-30) / math.sqrt(x.shape[-1])).clamp_min(1e-12)
+
+
+def build_nystrom_fields(y, landmarks, temperatures, scale, labels=None, ridge=1e-4, kernel="laplace",
+                         all_reduce=False, chunk_size=4096):
+    """One fitted NystromField per temperature, in the normalised units drift_loss works in: points y/scale,
+    temperature T * sqrt(C). y [..., n, C] may live on the CPU; chunks move to the landmarks' device."""
+    c = y.shape[-1]
+    chunks = lambda: ((y[..., i:i + chunk_size, :].to(landmarks.device) / scale,
+                       None if labels is None else labels[i:i + chunk_size]) for i in range(0, y.shape[-2], chunk_size))
+    return [NystromField(landmarks / scale, t * math.sqrt(c), ridge, kernel).fit(chunks(), all_reduce=all_reduce)
+            for t in temperatures]
+
+
+def drift_loss(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field="exact", nystrom=None,
+               neg_weights=None, mask_self=None, scale=None, classes=None):
+    """
+    The drifting loss of [1] with the normalisations of A.6, for generated features x [..., N, C] (with grad):
+    1. S = feature_scale (stop-grad), shared by the leading dims; features become x/S.
+    2. per temperature T: V_T = field at temperature T * sqrt(C), divided by its batch RMS sqrt(E||V_T||^2 / C).
+    3. V = sum_T V_T; loss = MSE(x/S, stopgrad(x/S + V)), whose gradient w.r.t. x/S is -2V / numel.
+    field="exact": Algorithm 2 against y_pos. field="nystrom": `nystrom` is a list of NystromField, one per
+    temperature, fitted in normalised units (build_nystrom_fields), and `scale` is the scale they were built
+    with (the projected summaries are fixed, so the scale must be too). Returns (loss, stats).
+    """
+    if field not in ("exact", "nystrom"):
+        raise ValueError(f"unknown field {field!r}; choose exact or nystrom")
+    c = x.shape[-1]
+    if field == "exact":
+        if y_pos is None:
+            raise ValueError("field='exact' needs the positives y_pos")
+        if scale is None:  # mean distance from the queries to every column the kernel sees
+            negatives = x if y_neg is None else y_neg
+            w = None if neg_weights is None else torch.cat([neg_weights, neg_weights.new_ones(y_pos.shape[:-1])], -1)
+            scale = feature_scale(x, torch.cat([negatives, y_pos], -2), w, mask_self=y_neg is None or bool(mask_self))
+    else:
+        if nystrom is None or scale is None or len(nystrom) != len(temperatures):
+            raise ValueError("field='nystrom' needs one fitted NystromField per temperature and their scale")
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    x_n = x.float() / scale  # (..., N, C), carries the gradient
+    y_pos_n = None if y_pos is None else y_pos.detach().float() / scale
+    y_neg_n = None if y_neg is None else y_neg.detach().float() / scale
+    v_total, raw_norms = torch.zeros_like(x_n), []
+    for i, t in enumerate(temperatures):
+        t_eff = t * math.sqrt(c)
+        if field == "exact":
+            v = drift_field(x_n, y_pos_n, y_neg_n, t_eff, neg_weights, mask_self)
+        else:
+            if not math.isclose(nystrom[i].temperature, t_eff, rel_tol=1e-5):
+                raise ValueError(f"NystromField {i} has temperature {nystrom[i].temperature:g}, expected "
+                                 f"{t_eff:g} (= {t} * sqrt({c})): build it with build_nystrom_fields")
+            v = nystrom[i](x_n, y_neg_n, classes, neg_weights, mask_self)
+        rms = v.square().mean().sqrt()  # sqrt(E ||V||^2 / C) over the batch
+        raw_norms.append(rms)
+        v_total += v / rms.clamp_min(1e-12)
+    loss = F.mse_loss(x_n, (x_n + v_total).detach())
+    return loss, {"drift_norm": torch.stack(raw_norms).mean(), "scale": scale}
