@@ -161,10 +161,15 @@ def mean_shift_field(x, y_pos, y_neg=None, temperature=0.05, kernel="laplace", n
         if mask_self and x.shape[-2] < 2 and y_neg.shape[-2] < 2:
             raise ValueError("repulsion from the batch itself needs at least 2 queries")
         attraction = _barycentre(log_kernel(x, y_pos, temperature, kernel), y_pos)
-        log_k = log_kernel(x, y_neg, temperature, kernel)
-        if mask_self:
-            _mask_diagonal_(log_k, 0)
-        return attraction - _barycentre(log_k, y_neg, neg_weights)
+        return attraction - _repulsion(x, y_neg, temperature, kernel, neg_weights, mask_self)
+
+
+def _repulsion(x, y_neg, temperature, kernel, neg_weights, mask_self):
+    """b_neg(x): the kernel barycentre of the negatives, each query's own column masked when it is one."""
+    log_k = log_kernel(x, y_neg, temperature, kernel)  # (..., N, Nn)
+    if mask_self:
+        _mask_diagonal_(log_k, 0)
+    return _barycentre(log_k, y_neg, neg_weights)
 
 
 def field_fidelity(v_approx, v_exact):
@@ -196,8 +201,15 @@ def _select_indices(y, m, strategy, generator):
             chosen.append(gap.argmax())
             gap = torch.minimum(gap, pairwise_distance(y, y[chosen[-1]][None]).squeeze(-1))
         return torch.stack(chosen)
-    # k-means (Lloyd) from a random start, then each centroid snapped to its nearest unused real sample
-    centroids = y[first].clone()
+    # k-means (Lloyd) seeded by k-means++ (each new seed drawn with probability ~ squared distance to the
+    # seeds so far), then each centroid snapped to its nearest unused real sample
+    seeds = [first[0]]
+    gap = pairwise_distance(y, y[first[:1]]).squeeze(-1).square()  # (n,)
+    for _ in range(m - 1):
+        weights = gap.cpu().double() if gap.sum() > 0 else torch.ones(n, dtype=torch.float64)
+        seeds.append(torch.multinomial(weights, 1, generator=generator)[0].to(y.device))
+        gap = torch.minimum(gap, pairwise_distance(y, y[seeds[-1]][None]).squeeze(-1).square())
+    centroids = y[torch.stack(seeds)].clone()
     for _ in range(25):
         assign = pairwise_distance(y, centroids).argmin(-1)  # (n,)
         sums = torch.zeros_like(centroids).index_add_(0, assign, y)
@@ -362,25 +374,23 @@ class NystromField:
     def __call__(self, x, y_neg=None, classes=None, neg_weights=None, mask_self=None, projected_repulsion=False):
         """The projected field V(x) = b_pos(x) - b_neg(x); y_neg=None means the queries repel each other."""
         b_pos = self.attraction(x, classes)
-        if not projected_repulsion:
-            zero = torch.zeros_like(x[..., :1, :])  # a dummy positive: only the repulsion is kept
-            return b_pos + mean_shift_field(x, zero, y_neg, self.temperature, self.kernel, neg_weights, mask_self) - zero
-        if y_neg is not None or neg_weights is not None:
+        if projected_repulsion and (y_neg is not None or neg_weights is not None):
             raise ValueError("projected repulsion uses the batch itself as negatives: pass y_neg=None")
+        if y_neg is not None:
+            _check_points(x, y_neg, y_neg, neg_weights)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            x = _fp32(x).double()
-            if classes is not None:  # per-class landmarks: repulsion uses the same class's projection
-                sub = NystromField.__new__(NystromField)
-                sub.__dict__.update(self.__dict__, landmarks=self._pick(self.landmarks, classes),
-                                    w_inv_sqrt=self._pick(self.w_inv_sqrt, classes))
-                return b_pos - sub._projected_repulsion(x).float()
-            return b_pos - self._projected_repulsion(x).float()
+            x, y_neg, neg_weights = _fp32(x), _fp32(y_neg), _fp32(neg_weights)
+            if projected_repulsion:
+                return b_pos - self._projected_repulsion(x.double(), classes).float()
+            y_neg, mask_self = _negatives(x, y_neg, mask_self)
+            return b_pos - _repulsion(x, y_neg, self.temperature, self.kernel, neg_weights, mask_self)
 
-    def _projected_repulsion(self, x):
+    def _projected_repulsion(self, x, classes):
         """Batch summaries from phi of the queries, each query's own term subtracted, in float64."""
-        log_k = log_kernel(x, self.landmarks.double(), self.temperature, self.kernel)  # (..., N, M)
+        u, w_inv_sqrt = self._pick(self.landmarks, classes).double(), self._pick(self.w_inv_sqrt, classes)
+        log_k = log_kernel(x, u, self.temperature, self.kernel)  # (..., N, M)
         shift = log_k.amax(-1, keepdim=True)
-        phi_shifted = (log_k - shift).exp() @ self.w_inv_sqrt  # query side, shifted
+        phi_shifted = (log_k - shift).exp() @ w_inv_sqrt  # query side, shifted
         phi = phi_shifted * shift.exp()  # summary side, true scale
         s_batch, S_batch = phi.sum(-2, keepdim=True), phi.mT @ x  # (..., 1, M), (..., M, D)
         own = (phi_shifted * phi).sum(-1, keepdim=True)  # (..., N, 1)

@@ -1,0 +1,319 @@
+"""The maths of drift.py: parity with float64 transcriptions, analytic identities, and refusal of bad input."""
+
+import math
+
+import pytest
+import torch
+
+from drift import (NystromField, build_nystrom_fields, drift_field, drift_loss, feature_scale, field_fidelity,
+                   mean_shift_field, select_landmarks)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def algorithm2_float64(x, y_pos, y_neg, temperature, mask_self, neg_weights=None):
+    """Algorithm 2 of Deng et al., written as plainly as possible in float64 (the reference)."""
+    x, y_pos, y_neg = x.double(), y_pos.double(), y_neg.double()
+    logits = -torch.cdist(x, torch.cat([y_pos, y_neg])) / temperature
+    if mask_self:
+        logits[:, len(y_pos):len(y_pos) + len(x)] -= torch.diag(torch.full((len(x),), math.inf, dtype=x.dtype))
+    a = (logits.softmax(dim=-1) * logits.softmax(dim=-2)).sqrt()
+    a_pos, a_neg = a[:, :len(y_pos)], a[:, len(y_pos):]
+    if neg_weights is not None:
+        a_neg = a_neg * neg_weights.double()
+    w_pos = a_pos * a_neg.sum(-1, keepdim=True)
+    w_neg = a_neg * a_pos.sum(-1, keepdim=True)
+    return w_pos @ y_pos - w_neg @ y_neg
+
+
+def barycentre_float64(x, y, temperature, kernel="laplace", exclude_self=False):
+    r = torch.cdist(x.double(), y.double())
+    log_k = -r / temperature if kernel == "laplace" else -r**2 / (2 * temperature**2)
+    if exclude_self:
+        log_k = log_k - torch.diag(torch.full((len(x),), math.inf, dtype=log_k.dtype))
+    return log_k.softmax(-1) @ y.double()
+
+
+def close(a, b, rel=1e-5):
+    """Max error relative to the size of the reference field."""
+    return (a.double() - b.double()).abs().max().item() <= rel * b.double().abs().max().item() + 1e-12
+
+
+# ---- the exact field (Algorithm 2) ----
+
+@pytest.mark.parametrize("temperature", [0.02, 0.1, 0.5, 3.0])
+def test_drift_field_matches_float64_algorithm2(temperature):
+    g = gen(1)
+    x, y_pos = torch.randn(48, 6, generator=g), torch.randn(70, 6, generator=g) * 0.7 + 0.5
+    scale = torch.cdist(x, y_pos).mean()  # temperatures relative to the data's mean distance
+    t = temperature * scale.item()
+    assert close(drift_field(x, y_pos, None, t), algorithm2_float64(x, y_pos, x, t, True))
+    y_neg = torch.randn(30, 6, generator=g)
+    assert close(drift_field(x, y_pos, y_neg, t), algorithm2_float64(x, y_pos, y_neg, t, False))
+
+
+def test_drift_field_cfg_weights_self_mask_and_chunks():
+    g = gen(2)
+    x, y_pos, y_unc = torch.randn(40, 5, generator=g), torch.randn(50, 5, generator=g), torch.randn(12, 5, generator=g)
+    y_neg = torch.cat([x, y_unc])  # CFG layout: the batch itself (self masked), then real unconditional negatives
+    w = torch.cat([torch.ones(40), torch.full((12,), 2.5)])
+    w[3] = 0.0  # a zero weight must give 0, never (-inf) - (-inf)
+    ref = algorithm2_float64(x, y_pos, y_neg, 1.0, True, w)
+    v = drift_field(x, y_pos, y_neg, 1.0, neg_weights=w, mask_self=True)
+    assert close(v, ref)
+    assert close(drift_field(x, y_pos, y_neg, 1.0, neg_weights=w, mask_self=True, chunk_size=7), ref)
+    assert close(drift_field(x, y_pos, None, 1.0, neg_weights=torch.ones(40)), drift_field(x, y_pos, None, 1.0))
+
+
+def test_drift_field_leading_dims_are_independent_fields():
+    g = gen(3)
+    x, y_pos = torch.randn(2, 3, 20, 4, generator=g), torch.randn(2, 3, 25, 4, generator=g)
+    v = drift_field(x, y_pos, None, 0.7)
+    for i in range(2):
+        for j in range(3):
+            assert close(v[i, j], algorithm2_float64(x[i, j], y_pos[i, j], x[i, j], 0.7, True))
+    shared = torch.randn(25, 4, generator=g)  # positives broadcast over the leading dims
+    assert close(drift_field(x, shared, None, 0.7)[1, 2], algorithm2_float64(x[1, 2], shared, x[1, 2], 0.7, True))
+
+
+def test_fields_vanish_when_positives_equal_negatives_and_flip_when_swapped():
+    g = gen(4)
+    x, p, q = torch.randn(30, 3, generator=g), torch.randn(40, 3, generator=g), torch.randn(35, 3, generator=g) + 1
+    for kernel in ("laplace", "gaussian"):
+        assert mean_shift_field(x, p, p, 0.5, kernel).abs().max() < 1e-6  # V_{p,p} = 0
+        v_pq, v_qp = mean_shift_field(x, p, q, 0.5, kernel), mean_shift_field(x, q, p, 0.5, kernel)
+        assert torch.allclose(v_pq, -v_qp, atol=1e-6) and v_pq.abs().max() > 1e-2  # anti-symmetry, non-trivial
+    assert drift_field(x, p, p, 0.5).abs().max() < 1e-6  # Algorithm 2 is anti-symmetric too
+    assert torch.allclose(drift_field(x, p, q, 0.5), -drift_field(x, q, p, 0.5), atol=1e-6)
+
+
+def test_mean_shift_matches_float64_barycentres_with_self_mask():
+    g = gen(5)
+    x, y_pos = torch.randn(25, 4, generator=g), torch.randn(60, 4, generator=g)
+    for kernel in ("laplace", "gaussian"):
+        ref = barycentre_float64(x, y_pos, 0.8, kernel) - barycentre_float64(x, x, 0.8, kernel, exclude_self=True)
+        assert close(mean_shift_field(x, y_pos, None, 0.8, kernel), ref)
+
+
+# ---- identities (Tweedie: the Gaussian mean shift is T^2 times a difference of smoothed scores) ----
+
+def test_gaussian_mean_shift_is_difference_of_kde_scores():
+    g = gen(6)
+    t = 0.6
+    p, q = torch.randn(50, 2, generator=g, dtype=torch.float64), torch.randn(40, 2, generator=g, dtype=torch.float64) + 1
+    x = (torch.randn(30, 2, generator=g, dtype=torch.float64) * 1.5).requires_grad_()
+
+    def log_kde(samples):  # log of the Gaussian KDE p_T(x) = mean_j N(x; y_j, T^2 I), up to a constant
+        return torch.logsumexp(-torch.cdist(x, samples) ** 2 / (2 * t * t), dim=-1)
+
+    score_p, = torch.autograd.grad(log_kde(p).sum(), x)
+    score_q, = torch.autograd.grad(log_kde(q).sum(), x)
+    v = mean_shift_field(x.detach(), p, q, t, kernel="gaussian")
+    assert v.dtype == torch.float64
+    assert torch.allclose(v, t * t * (score_p - score_q), atol=1e-10)
+
+
+def test_gaussian_mean_shift_converges_to_mixture_scores():
+    g = gen(7)
+    t, n = 0.5, 40000
+    means_p, means_q = torch.tensor([[-1.5, 0.0], [1.5, 0.5]]), torch.tensor([[0.0, 1.0]])
+    std_p, std_q = 0.4, 0.8
+    p = means_p[torch.randint(0, 2, (n,), generator=g)] + std_p * torch.randn(n, 2, generator=g)
+    q = means_q[torch.randint(0, 1, (n,), generator=g)] + std_q * torch.randn(n, 2, generator=g)
+    x = torch.randn(64, 2, generator=g, dtype=torch.float64).mul(0.8).requires_grad_()
+
+    def log_mixture(means, std):  # p_T is the mixture with variances std^2 + T^2 (equal weights)
+        var = std**2 + t**2
+        return torch.logsumexp(-torch.cdist(x, means.double()) ** 2 / (2 * var), dim=-1)
+
+    score_p, = torch.autograd.grad(log_mixture(means_p, std_p).sum(), x)
+    score_q, = torch.autograd.grad(log_mixture(means_q, std_q).sum(), x)
+    target = t * t * (score_p - score_q)
+    v = mean_shift_field(x.detach(), p.double(), q.double(), t, kernel="gaussian")
+    assert field_fidelity(v, target)["cos"] > 0.99
+    assert (v - target).norm() / target.norm() < 0.06  # Monte Carlo error at 40k samples
+
+
+# ---- numerical care ----
+
+def test_no_nan_at_small_temperature_far_queries_and_duplicates():
+    g = gen(8)
+    y_pos = torch.randn(50, 8, generator=g)
+    x = torch.cat([torch.randn(20, 8, generator=g), y_pos[:5], y_pos[:5], torch.full((3, 8), 1e3)])  # dups, far
+    for t in (0.005, 0.05):
+        for v in (drift_field(x, y_pos, None, t), mean_shift_field(x, y_pos, None, t),
+                  NystromField(y_pos[:20], t).fit(y_pos)(x)):
+            assert torch.isfinite(v).all()
+    # far queries: a naive float32 exp underflows to 0/0 here; log space gives the nearest positive's pull
+    v = mean_shift_field(torch.full((1, 8), 1e3), y_pos, y_pos[:1] * 0, 0.005)
+    nearest = y_pos[torch.cdist(torch.full((1, 8), 1e3), y_pos).argmin()]
+    assert torch.allclose(v[0], nearest, atol=1e-4)
+
+
+def test_loss_under_bf16_autocast_is_finite_and_fields_stay_fp32():
+    g = gen(9)
+    net = torch.nn.Linear(4, 16)
+    y_pos = torch.randn(64, 16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = net(torch.randn(48, 4, generator=g))
+        assert x.dtype == torch.bfloat16
+        v = drift_field(x, y_pos, None, 0.02 * 4)
+        loss, stats = drift_loss(x, y_pos)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    assert close(v, algorithm2_float64(x.float(), y_pos, x.float(), 0.08, True))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_clear_errors_for_bad_input():
+    x = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="dimension"):
+        drift_field(x, torch.randn(5, 3))
+    with pytest.raises(ValueError, match="empty"):
+        mean_shift_field(x, torch.randn(0, 4))
+    with pytest.raises(ValueError, match="only 10 samples"):
+        select_landmarks(x, 11)
+    with pytest.raises(ValueError, match="class 1 has 3"):
+        select_landmarks(x, 4, labels=torch.tensor([0] * 7 + [1] * 3))
+    with pytest.raises(ValueError, match="temperature"):
+        drift_field(x, x, None, 0.0)
+    with pytest.raises(ValueError, match="kernel"):
+        mean_shift_field(x, x, None, 0.1, kernel="cosine")
+    with pytest.raises(ValueError, match="strategy"):
+        select_landmarks(x, 3, strategy="best")
+    with pytest.raises(ValueError, match="dimension"):
+        NystromField(x[:3]).fit(torch.randn(5, 3))
+    with pytest.raises(RuntimeError, match="fit"):
+        NystromField(x[:3]).attraction(x)
+
+
+# ---- the projected (Nystrom) field ----
+
+def test_nystrom_equals_exact_barycentre_when_every_positive_is_a_landmark():
+    g = gen(10)
+    y_pos, x = torch.randn(80, 5, generator=g), torch.randn(30, 5, generator=g)
+    for kernel in ("laplace", "gaussian"):
+        field = NystromField(y_pos, temperature=1.0, ridge=1e-10, kernel=kernel).fit(y_pos)
+        assert close(field.attraction(x), barycentre_float64(x, y_pos, 1.0, kernel), rel=1e-4)
+        # and the full field (exact repulsion over the batch) equals the exact one-sided field
+        assert close(field(x), mean_shift_field(x, y_pos, None, 1.0, kernel), rel=1e-4)
+
+
+def test_nystrom_fidelity_grows_with_landmarks():
+    g = gen(11)
+    y_pos, x = torch.randn(400, 8, generator=g), torch.randn(200, 8, generator=g)
+    exact = barycentre_float64(x, y_pos, 2.0)
+    cos = []
+    for m in (25, 100, 400):
+        u = select_landmarks(y_pos, m, "random", generator=gen(0))
+        cos.append(field_fidelity(NystromField(u, 2.0).fit(y_pos).attraction(x), exact)["cos"])
+    assert cos[0] < cos[1] < cos[2] and cos[2] > 0.999
+
+
+def test_folded_and_unfolded_forms_agree():
+    g = gen(12)
+    y_pos, x = torch.randn(300, 6, generator=g), torch.randn(50, 6, generator=g)
+    u = select_landmarks(y_pos, 40, "kmeans", generator=gen(1))
+    folded = NystromField(u, 1.5, folded=True).fit(y_pos).attraction(x)
+    unfolded = NystromField(u, 1.5, folded=False).fit(y_pos).attraction(x)
+    assert close(folded, unfolded, rel=1e-4)
+
+
+def test_summaries_from_chunks_and_shards_equal_one_shot():
+    g = gen(13)
+    y_pos, labels = torch.randn(500, 4, generator=g), torch.randint(0, 3, (500,), generator=g)
+    u = select_landmarks(y_pos, 10, "random", labels=labels, generator=gen(2))  # (3, 10, 4) per class
+    one = NystromField(u, 1.0).fit(y_pos, labels=labels)
+    chunked = NystromField(u, 1.0).fit([(y_pos[i:i + 64], labels[i:i + 64]) for i in range(0, 500, 64)])
+    shard_a = NystromField(u, 1.0).fit(y_pos[:200], labels=labels[:200])
+    shard_b = NystromField(u, 1.0).fit(y_pos[200:], labels=labels[200:])
+    for field in (chunked,):
+        assert torch.allclose(field.s, one.s, rtol=1e-12) and torch.allclose(field.S, one.S, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(shard_a.s + shard_b.s, one.s, rtol=1e-12)
+    assert torch.allclose(shard_a.S + shard_b.S, one.S, rtol=1e-12, atol=1e-12)
+    # per class: each class is attracted to its own data only
+    x = torch.randn(3, 20, 4, generator=g)
+    v = one.attraction(x, classes=torch.tensor([2, 0, 1]))
+    alone = NystromField(u[0], 1.0).fit(y_pos[labels == 0]).attraction(x[1])
+    assert close(v[1], alone)
+
+
+def test_projected_repulsion_equals_exact_when_the_batch_is_landmarked():
+    g = gen(14)
+    y_pos, x = torch.randn(60, 3, generator=g), torch.randn(25, 3, generator=g)
+    field = NystromField(torch.cat([y_pos, x]), 1.0, ridge=1e-10).fit(y_pos)
+    assert close(field(x, projected_repulsion=True), mean_shift_field(x, y_pos, None, 1.0), rel=1e-4)
+
+
+def test_field_fidelity_definitions():
+    v = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    approx = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    f = field_fidelity(approx, v)
+    assert math.isclose(f["cos"], (1 / math.sqrt(2) + 1) / 2, rel_tol=1e-9)
+    assert math.isclose(f["rel_l2"], 1 / math.sqrt(5), rel_tol=1e-9)
+    assert math.isclose(f["target_mse"], (1 / 2 + 0) / 2, rel_tol=1e-9)
+
+
+# ---- landmarks ----
+
+def test_landmarks_are_distinct_real_samples_and_reproducible():
+    g = gen(15)
+    y = torch.cat([torch.randn(100, 2, generator=g) * 0.1 + c for c in torch.tensor([[0, 0], [5, 5], [-5, 5]])])
+    labels = torch.arange(300) // 100
+    for strategy in ("random", "kmeans", "kcenter"):
+        u, idx = select_landmarks(y, 6, strategy, generator=gen(3), return_index=True)
+        assert torch.equal(u, y[idx]) and len(set(idx.tolist())) == 6
+        assert torch.equal(u, select_landmarks(y, 6, strategy, generator=gen(3)))
+        per_class, idx = select_landmarks(y, 4, strategy, labels=labels, generator=gen(3), return_index=True)
+        assert per_class.shape == (3, 4, 2) and torch.equal(labels[idx], torch.arange(3)[:, None].expand(3, 4))
+    # k-means and k-center cover all three clusters with 3 landmarks; k-center takes the farthest points
+    for strategy in ("kmeans", "kcenter"):
+        u = select_landmarks(y, 3, strategy, generator=gen(4))
+        assert sorted(torch.cdist(u, torch.tensor([[0.0, 0], [5, 5], [-5, 5]])).argmin(-1).tolist()) == [0, 1, 2]
+
+
+# ---- normalisation and loss ----
+
+def test_feature_scale_puts_mean_distance_at_sqrt_c():
+    g = gen(16)
+    x = torch.randn(2, 40, 12, generator=g) * 7.0
+    s = feature_scale(x)
+    d = torch.cdist(x / s, x / s)
+    off_diagonal = d.sum() / (2 * 40 * 39)
+    assert math.isclose(off_diagonal.item(), math.sqrt(12), rel_tol=1e-4)
+
+
+def test_loss_gradient_is_minus_two_v_over_numel():
+    g = gen(17)
+    x = torch.randn(3, 32, 10, generator=g).requires_grad_()
+    y_pos = torch.randn(3, 50, 10, generator=g) + 0.3
+    loss, stats = drift_loss(x, y_pos, temperatures=(0.05,))
+    loss.backward()
+    s = stats["scale"]
+    v = drift_field(x.detach() / s, y_pos / s, None, 0.05 * math.sqrt(10))
+    v = v / v.square().mean().sqrt()
+    grad_normalised = x.grad * s  # dL/d(x/S) = S dL/dx, since S is a stop-grad constant
+    assert close(grad_normalised, -2 * v / x.numel(), rel=1e-4)
+    assert math.isclose(loss.item(), v.square().mean().item(), rel_tol=1e-4)  # value = ||V||^2 per element
+
+
+def test_nystrom_loss_matches_exact_one_sided_loss_with_full_landmarks():
+    g = gen(18)
+    y_pos = torch.randn(2, 3, 40, 6, generator=g)  # (locations, classes, n, C)
+    labels = torch.arange(3).repeat_interleave(40)
+    y_flat = y_pos.permute(0, 1, 2, 3).reshape(2, 120, 6)  # samples in label order
+    scale = feature_scale(y_flat)
+    fields = build_nystrom_fields(y_flat, y_pos, (0.05, 0.2), scale, labels=labels, ridge=1e-10)
+    x = torch.randn(2, 2, 16, 6, generator=g).requires_grad_()
+    classes = torch.tensor([2, 0])
+    loss, stats = drift_loss(x, temperatures=(0.05, 0.2), field="nystrom", nystrom=fields, scale=scale,
+                             classes=classes)
+    v = 0
+    for t in (0.05, 0.2):
+        vt = mean_shift_field(x.detach() / scale, y_pos[:, classes] / scale, None, t * math.sqrt(6))
+        v = v + vt / vt.square().mean().sqrt()
+    assert math.isclose(loss.item(), v.square().mean().item(), rel_tol=1e-3)
+    with pytest.raises(ValueError, match="temperature"):
+        drift_loss(x, temperatures=(0.02, 0.2), field="nystrom", nystrom=fields, scale=scale, classes=classes)
