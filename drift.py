@@ -55,8 +55,8 @@ def pairwise_distance(x, y):
     x = (x - centre).expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:])  # (B, N, D)
     y = (y - centre).expand(*batch, *y.shape[-2:]).reshape(-1, *y.shape[-2:])  # (B, M, D)
     # |x|^2 + |y|^2 - 2 x.y with the |y|^2 term fused into the matmul; rounding can dip below zero
-    d2 = torch.baddbmm((y * y).sum(-1).unsqueeze(1), x, y.transpose(1, 2), alpha=-2)  # (B, N, M)
-    d2.add_((x * x).sum(-1, keepdim=True))
+    d2 = torch.baddbmm(torch.linalg.vector_norm(y, dim=-1).square_().unsqueeze(1), x, y.mT, alpha=-2)  # (B, N, M)
+    d2.add_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_())  # norms without (N, D) temporaries
     return d2.clamp_min_(0).sqrt_().view(*batch, x.shape[1], y.shape[1])
 
 
@@ -87,14 +87,36 @@ def _mask_diagonal_(logits, offset):
     return logits
 
 
+FIELD_MEMORY = 1 << 29  # bytes: drift_field keeps the [..., N, Np+Nn] float32 distances whole up to this size
+EXP_FLOOR = -87.0  # exp(-87) = 1.6e-38, the smallest normal float32: below it x86 exp runs 10-20x slower
+
+
+def _log_normalisers(energy):
+    """log r_i = log sum_j exp(-E_ij) [..., N, 1] and log c_j = log sum_i exp(-E_ij) [..., 1, M], each sum
+    shifted by its smallest energy. The exponentials go through one buffer a block of rows at a time: small
+    on the CPU (it stays in cache, and fresh memory costs page faults), large on a GPU (fewer launches)."""
+    n, m = energy.shape[-2:]
+    row_low = energy.amin(-1, keepdim=True).clamp_max_(1e30)  # a fully masked line (all +inf) gives -inf, not NaN
+    col_low = energy.amin(-2, keepdim=True).clamp_max_(1e30)
+    row_sum, col_sum = torch.empty_like(row_low), torch.zeros_like(col_low)
+    step = max(1, (1 << 22 if energy.is_cpu else 1 << 28) // (4 * energy[..., :1, :].numel()))
+    buffer = energy.new_empty(*energy.shape[:-2], min(step, n), m)
+    for i in range(0, n, step):
+        e, low, out = energy[..., i:i + step, :], row_low[..., i:i + step, :], buffer[..., :min(step, n - i), :]
+        col_sum += torch.sub(col_low, e, out=out).clamp_min_(EXP_FLOOR).exp_().sum(-2, keepdim=True)
+        row_sum[..., i:i + step, :] = torch.sub(low, e, out=out).clamp_min_(EXP_FLOOR).exp_().sum(-1, keepdim=True)
+    return row_sum.log_().sub_(row_low), col_sum.log_().sub_(col_low)
+
+
 def drift_field(x, y_pos, y_neg=None, temperature=0.05, neg_weights=None, mask_self=None, chunk_size=None):
     """
     The exact drifting field, Algorithm 2 of [1], without gradient and in float32.
     x [..., N, D] queries, y_pos [..., Np, D] positives, y_neg [..., Nn, D] negatives (None: x itself with
     each query's own column masked). neg_weights [..., Nn] multiply the negatives' entries of A after the
     softmax (the CFG weights of [1] §3.5). Leading dims are independent fields (classes, feature locations).
-    chunk_size: queries per chunk; set it to bound memory at O(chunk x (Np + Nn)) (distances are then
-    computed twice: once for the column normalisers, once for the field). Returns V [..., N, D].
+    Memory: the distances [..., N, Np+Nn] are kept whole when they fit in FIELD_MEMORY bytes; otherwise (or
+    with chunk_size, queries per chunk) they are computed a chunk of queries at a time, twice: once for the
+    column normalisers, once for the field. The cost is then one more matrix product. Returns V [..., N, D].
     """
     _check_points(x, y_pos, y_neg, neg_weights)
     if not temperature > 0:
@@ -107,37 +129,41 @@ def drift_field(x, y_pos, y_neg=None, temperature=0.05, neg_weights=None, mask_s
             raise ValueError("a single query with no positives has no field")
         batch = torch.broadcast_shapes(x.shape[:-2], y_pos.shape[:-2], y_neg.shape[:-2])
         y_pos, y_neg = y_pos.expand(*batch, *y_pos.shape[-2:]), y_neg.expand(*batch, *y_neg.shape[-2:])
-        y = torch.cat([y_pos, y_neg], -2)  # (..., Np+Nn, D)
+        y = torch.cat([y_pos, y_neg], -2)  # (..., M, D), M = Np + Nn
 
-        def logits(rows):  # 1. logits = -dist/T over the joint [pos | neg] columns, self masked
-            out = pairwise_distance(x[..., rows, :], y).mul_(-1.0 / temperature)
+        def energy(rows):  # 1. energies E = dist/T = -logits over the joint [pos | neg] columns, self masked
+            e = pairwise_distance(x[..., rows, :], y).div_(temperature)  # (..., rows, M)
             if mask_self:
-                out[..., :, n_pos + rows.start:n_pos + rows.stop].diagonal(dim1=-2, dim2=-1).fill_(-math.inf)
-            return out  # (..., rows, Np+Nn)
+                e[..., :, n_pos + rows.start:n_pos + rows.stop].diagonal(dim1=-2, dim2=-1).fill_(math.inf)
+            return e
 
-        step = chunk_size or n
+        step = chunk_size or max(1, FIELD_MEMORY // (4 * y[..., :1].numel()))  # rows whose distances fit
         chunks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
-        # 2. column normalisers log c_j = logsumexp_i logits_ij (the softmax over dim -2), chunk by chunk
-        if len(chunks) == 1:
-            cached = logits(chunks[0])
-            log_col = torch.logsumexp(cached, dim=-2)
-        else:
-            cached = None
-            log_col = torch.stack([torch.logsumexp(logits(rows), dim=-2) for rows in chunks]).logsumexp(0)
-        log_col = log_col.clamp_min(-1e30).mul_(0.5).unsqueeze(-2)  # a fully masked column gives A = 0, not NaN
-        v = x.new_empty(*batch, n, x.shape[-1])
+        # 2. log row sums log r_i = logsumexp_j(-E_ij) and log column sums log c_j = logsumexp_i(-E_ij)
+        log_row, log_col, cached = x.new_empty(*batch, n, 1), [], None
         for rows in chunks:
-            lg = cached if cached is not None else logits(rows)
-            # 3. A = sqrt(softmax_rows * softmax_cols) = exp(logit - log r_i / 2 - log c_j / 2)
-            log_row = torch.logsumexp(lg, dim=-1, keepdim=True)  # (..., rows, 1)
-            a = lg.sub_(log_row.clamp_min_(-1e30).mul_(0.5)).sub_(log_col).exp_()
+            e = energy(rows)
+            log_row[..., rows, :], col = _log_normalisers(e)
+            log_col.append(col)  # (..., 1, M), over this chunk's rows only
+            cached = e if len(chunks) == 1 else None
+        log_col = log_col[0] if len(chunks) == 1 else torch.stack(log_col).logsumexp(0)
+        # halves of the normalisers; a fully masked column (log c = -inf) gives A = 0, not NaN
+        half_row, half_col = log_row.mul_(-0.5), log_col.clamp_min_(-1e30).mul_(0.5)
+        v = []
+        for rows in chunks:
+            e = cached if cached is not None else energy(rows)
+            # 3. A = sqrt(softmax_rows * softmax_cols) = exp(-E_ij - log r_i / 2 - log c_j / 2), in place
+            a = torch.sub(half_row[..., rows, :], e, out=e).sub_(half_col).clamp_min_(EXP_FLOOR).exp_()
             a_pos, a_neg = a[..., :n_pos], a[..., n_pos:]  # (..., rows, Np), (..., rows, Nn)
+            if mask_self:  # exactly 0 rather than exp(EXP_FLOOR)
+                a_neg[..., :, rows].diagonal(dim1=-2, dim2=-1).zero_()
             if neg_weights is not None:
                 a_neg.mul_(neg_weights.unsqueeze(-2))
             # 4. W_pos = A_pos * rowsum(A_neg), W_neg = A_neg * rowsum(A_pos); V = W_pos y_pos - W_neg y_neg
             sum_pos, sum_neg = a_pos.sum(-1, keepdim=True), a_neg.sum(-1, keepdim=True)
-            v[..., rows, :] = (a_pos @ y_pos).mul_(sum_neg).sub_((a_neg @ y_neg).mul_(sum_pos))
-        return v
+            a_pos.mul_(sum_neg), a_neg.mul_(sum_pos.neg_())
+            v.append(a @ y)  # (..., rows, D) = [W_pos | -W_neg] @ [y_pos | y_neg], one product
+        return v[0] if len(v) == 1 else torch.cat(v, -2)
 
 
 def _barycentre(log_k, y, weights=None):
