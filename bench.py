@@ -1,0 +1,440 @@
+"""
+Benchmarks for drift.py, with numbers anyone can reproduce on their own machine:
+1) fields: the exact field (Algorithm 2), the one-sided mean-shift field and the projected (Nystrom) field,
+   timed against their floor, the matrix products they cannot avoid, measured in the same run, interleaved;
+   with GFLOP/s and the exact field's error against a float64 transcription of Algorithm 2.
+2) memory: peak memory of the exact field as N grows, and the largest N that fits in a memory budget.
+3) fidelity: projected against exact attraction on the same positives, on real features, as the number of
+   landmarks per class grows (random and k-means landmarks): time per step, cosine, relative L2, target MSE.
+4) step: one training step of train.py split into generator, encoder, field and optimizer, for both fields.
+
+    python bench.py --quick                                   # seconds: a smoke test on small shapes
+    python bench.py --data-dir /path/to/data --json bench.json  # the tables in BENCHMARKS.md
+
+Times are medians over --repeats runs, the candidates run interleaved so that a noisy machine slows them
+alike; ratios are taken between numbers measured side by side. CUDA is used with --device cuda.
+"""
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import drift
+
+# -----------------------------------------------------------------------------------------------------------
+# defaults (the DriftXpress CIFAR-10 setting: batch 1000, 500 landmarks and 5,000 samples per class)
+sections = "fields,memory,fidelity,step"
+device = "cpu"
+threads = 0  # torch threads; 0 = torch's default
+repeats = 7  # timed runs per candidate; the median is reported
+shapes = "1000x1000x768,256x256x768,4096x4096x768"  # N x Np x D for the field micro-benchmark
+temperatures = "0.02,0.05,0.2"  # as in the loss: effective temperature T * sqrt(D) on normalised features
+landmarks = 500  # M, landmarks of the projected field in the micro-benchmark
+memory_sizes = "2048,4096,8192,16384"  # N = Np for the memory table (D = 768)
+memory_budget_gib = 1.0  # "the largest N that fits in this many GiB beyond the inputs and outputs"
+data_dir = "data"  # torchvision layout: MNIST/raw, FashionMNIST/raw, cifar10-partial/cifar10_partial.npz
+datasets = "mnist,fashion-mnist,cifar10-partial"  # or "synthetic": clustered Gaussians, no files needed
+encoder = "resnet18-random"  # resnet18-random (fixed random init, up to layer3, global mean) | pixels
+positives_per_class = 5000
+queries_per_class = 100  # a batch of 1000 over 10 classes
+landmark_counts = "50,100,200,500"
+strategies = "random,kmeans"
+fidelity_temperature = 0.05
+step_steps = 5  # train.py steps timed per field
+
+
+# -----------------------------------------------------------------------------------------------------------
+# timing
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(candidates, repeats, dev):
+    """Run each candidate once (warm-up), then `repeats` rounds in which every candidate runs once, in turn.
+    Returns {name: (median wall ms, median process-CPU ms)}. Process CPU time is what this process spent
+    on the CPU: under load from other programs it is steadier than wall time."""
+    for fn in candidates.values():
+        fn()
+    sync(dev)
+    wall, cpu = {k: [] for k in candidates}, {k: [] for k in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            sync(dev)
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            sync(dev)
+            wall[name].append(1e3 * (time.perf_counter() - w))
+            cpu[name].append(1e3 * (time.process_time() - c))
+    return {k: (float(np.median(wall[k])), float(np.median(cpu[k]))) for k in candidates}
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    return info
+
+
+def table(rows, columns):
+    """A fixed-width text table of dict rows."""
+    cells = [[c for c, _ in columns]] + [[fmt.format(r[c]) if r.get(c) is not None else "-" for c, fmt in columns]
+                                        for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 1) fields against their floor
+
+def clustered(n, dim, gen, clusters=20):
+    """Points around `clusters` centres: distances spread like features of real classes do."""
+    centres = torch.randn(clusters, dim, generator=gen) * 1.5
+    return centres[torch.randint(0, clusters, (n,), generator=gen)] + torch.randn(n, dim, generator=gen)
+
+
+def algorithm2_reference(x, y_pos, temperature, dtype):
+    """Algorithm 2 of [Deng et al.] written plainly (negatives = the queries, self masked), in `dtype`."""
+    x, y_pos = x.to(dtype), y_pos.to(dtype)
+    y = torch.cat([y_pos, x])
+    logits = -torch.cdist(x, y) / temperature
+    logits[:, len(y_pos):].fill_diagonal_(-math.inf)
+    a = (logits.softmax(-1) * logits.softmax(-2)).sqrt()
+    a_pos, a_neg = a[:, :len(y_pos)], a[:, len(y_pos):]
+    return (a_pos * a_neg.sum(-1, keepdim=True)) @ y_pos - (a_neg * a_pos.sum(-1, keepdim=True)) @ x
+
+
+def relative_error(v, ref):
+    return ((v.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def bench_fields(args, dev):
+    gen, rows = torch.Generator().manual_seed(0), []
+    for shape in args.shapes.split(","):
+        n, n_pos, dim = (int(s) for s in shape.split("x"))
+        x, y_pos = clustered(n, dim, gen), clustered(n_pos, dim, gen)
+        scale = drift.feature_scale(x, torch.cat([x, y_pos]))
+        x, y_pos = (x / scale).to(dev), (y_pos / scale).to(dev)  # normalised as drift_loss does
+        m = min(args.landmarks, n_pos)
+        u = y_pos[torch.randperm(n_pos, generator=gen)[:m].to(dev)]
+        zero = torch.zeros_like(x[:1])  # a negative at the origin: mean_shift_field(x, y, zero) = b_pos(x)
+        y_exact = torch.cat([y_pos, x])  # the columns the exact field sees
+        # floor operands: a distance product and an aggregation product of the same shapes as each field's
+        a_exact, a_pos, a_self, a_land = (torch.rand(n, k, generator=gen).to(dev) for k in (n + n_pos, n_pos, n, m))
+        u_summ = torch.randn(m, dim + 1, generator=gen).to(dev)
+
+        def products(y, a, rhs):  # the two products: distances (baddbmm, as pairwise_distance) and aggregation
+            return torch.baddbmm(y[:, :1].mT.unsqueeze(0), x.unsqueeze(0), y.mT.unsqueeze(0), alpha=-2), a @ rhs
+
+        for t in (float(s) for s in args.temperatures.split(",")):
+            t_eff = t * math.sqrt(dim)
+            nys = drift.NystromField(u, t_eff).fit(y_pos)
+            candidates = {
+                "exact": lambda: drift.drift_field(x, y_pos, None, t_eff),
+                "exact floor": lambda: products(y_exact, a_exact, y_exact),
+                "one-sided": lambda: drift.mean_shift_field(x, y_pos, None, t_eff),
+                "projected": lambda: nys(x),
+                "projected floor": lambda: (products(u, a_land, u_summ), products(x, a_self, x)),
+                "exact attraction": lambda: drift.mean_shift_field(x, y_pos, zero, t_eff),
+                "attraction floor": lambda: products(y_pos, a_pos, y_pos),
+                "projected attraction": lambda: nys.attraction(x),
+                "proj. attraction floor": lambda: products(u, a_land, u_summ),
+            }
+            times = measure(candidates, args.repeats, dev)
+            flops = {"exact": 4 * n * (n + n_pos) * dim, "one-sided": 4 * n * (n + n_pos) * dim,
+                     "projected": 2 * n * m * (2 * dim + 1) + 4 * n * n * dim, "exact attraction": 4 * n * n_pos * dim,
+                     "projected attraction": 2 * n * m * (2 * dim + 1)}
+            floors = {"exact": "exact floor", "one-sided": "exact floor", "projected": "projected floor",
+                      "exact attraction": "attraction floor", "projected attraction": "proj. attraction floor"}
+            for name, floor in floors.items():
+                (wall, cpu), (floor_wall, floor_cpu) = times[name], times[floor]
+                rows.append({"shape": shape, "M": m if "projected" in name else None, "T": t, "field": name,
+                             "ms": wall, "gflops": flops[name] / wall / 1e6, "floor_ms": floor_wall,
+                             "x_floor": wall / floor_wall, "x_floor_cpu": cpu / floor_cpu,
+                             "vs_exact": times["exact"][0] / wall if name in ("exact", "one-sided", "projected")
+                             else times["exact attraction"][0] / wall})
+            if n * (n + n_pos) <= 4096 * 8192:  # the float64 reference needs a few (N, N+Np) matrices
+                v = drift.drift_field(x, y_pos, None, t_eff).cpu()
+                err64 = relative_error(v, algorithm2_reference(x.cpu(), y_pos.cpu(), t_eff, torch.float64))
+                err32 = relative_error(algorithm2_reference(x.cpu(), y_pos.cpu(), t_eff, torch.float32),
+                                       algorithm2_reference(x.cpu(), y_pos.cpu(), t_eff, torch.float64))
+                rows[-5].update(err_vs_float64=err64, naive_float32_err=err32)
+    return rows
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 2) memory
+
+def _status_mib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_memory_child(n, dim, device_name, chunk_size):
+    """In a fresh process: peak memory of one exact field at N = Np beyond its inputs and output. CPU: the
+    peak resident set (VmHWM) reset just before the call (write 5 to /proc/self/clear_refs), minus the
+    resident set before it, minus the output; an upper bound on what torch allocated, since memory freed
+    but kept by the C allocator still counts. CUDA: max_memory_allocated minus what was allocated before."""
+    dev = torch.device(device_name)
+    gen = torch.Generator().manual_seed(0)
+    x, y_pos = clustered(n, dim, gen).to(dev), clustered(n, dim, gen).to(dev)
+    scale = drift.feature_scale(x[:1024], y_pos[:1024])
+    x, y_pos = x / scale, y_pos / scale
+    output_mib = n * dim * 4 / 2**20
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        drift.drift_field(x, y_pos, None, 0.05 * math.sqrt(dim), chunk_size=chunk_size)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        base = _status_mib("VmRSS")
+        start = time.perf_counter()
+        drift.drift_field(x, y_pos, None, 0.05 * math.sqrt(dim), chunk_size=chunk_size)
+        seconds = time.perf_counter() - start
+        peak = _status_mib("VmHWM") - base
+    return {"seconds": seconds, "peak_beyond_inputs_mib": peak - output_mib, "output_mib": output_mib}
+
+
+def bench_memory(args, dev):
+    if dev.type == "cpu" and not os.path.exists("/proc/self/clear_refs"):
+        print("memory: skipped (needs Linux /proc/self/clear_refs to reset the peak resident set)")
+        return []
+    rows, ctx = [], multiprocessing.get_context("spawn")
+    dim = 768 if not args.quick else 64
+    for n in (int(s) for s in args.memory_sizes.split(",")):
+        whole = 4 * n * 2 * n <= drift.FIELD_MEMORY  # are the distances kept whole?
+        with ctx.Pool(1) as pool:  # a fresh process per size: peaks never mix
+            r = pool.apply(_peak_memory_child, (n, dim, dev.type, None))
+        rows.append({"N=Np": n, "D": dim, "distances_mib": 4 * n * 2 * n / 2**20,
+                     "mode": "whole" if whole else f"chunks of {max(1, drift.FIELD_MEMORY // (8 * n))}", **r})
+    # the largest N within the budget: peak memory grows linearly in N once the distances are chunked
+    chunked = [r for r in rows if r["mode"] != "whole"] or rows
+    budget = args.memory_budget_gib * 1024
+    if len(chunked) >= 2:
+        (n0, p0), (n1, p1) = [(r["N=Np"], r["peak_beyond_inputs_mib"]) for r in chunked[-2:]]
+        slope = (p1 - p0) / (n1 - n0)
+        largest = int(n1 + (budget - p1) / slope) if slope > 0 else None
+    else:
+        largest = None
+    # a chunked field gives the same result as the whole one
+    gen = torch.Generator().manual_seed(1)
+    x, y_pos = clustered(300, 32, gen).to(dev), clustered(200, 32, gen).to(dev)
+    t = 0.05 * math.sqrt(32) * drift.feature_scale(x, y_pos).item()
+    chunk_err = relative_error(drift.drift_field(x, y_pos, None, t, chunk_size=37), drift.drift_field(x, y_pos, None, t))
+    return rows, {"budget_gib": args.memory_budget_gib, "largest_N_in_budget": largest, "chunk_vs_whole_err": chunk_err,
+                  "field_memory_mib": drift.FIELD_MEMORY / 2**20}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 3) fidelity of the projected attraction on real features
+
+def load_images(name, root, train):
+    """uint8 images [n, C, H, W] and labels [n] from the torchvision layout under root (no download)."""
+    if name == "cifar10-partial":
+        path = os.path.join(root, "cifar10-partial", "cifar10_partial.npz")
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {path} not found: pass --data-dir with the data, or --datasets synthetic")
+        d = np.load(path)
+        x, y = (d["x_train"], d["y_train"]) if train else (d["x_test"], d["y_test"])
+        return torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(y).long()
+    import torchvision
+    folder = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name]
+    raw = os.path.join(root, folder, "raw")
+    if not os.path.isdir(raw):
+        raise SystemExit(f"error: {raw} not found: pass --data-dir with the data, or --datasets synthetic")
+    with tempfile.TemporaryDirectory() as tmp:  # torchvision extracts next to raw/: work on a linked copy
+        os.makedirs(os.path.join(tmp, folder, "raw"))
+        for f in os.listdir(raw):
+            os.symlink(os.path.abspath(os.path.join(raw, f)), os.path.join(tmp, folder, "raw", f))
+        cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
+        ds = cls(tmp, train=train, download=True)
+        return ds.data.unsqueeze(1).clone(), ds.targets.clone()
+
+
+@torch.no_grad()
+def encode(images, kind, batch=500):
+    """Features [n, C]: a fixed random-init torchvision resnet18 up to layer3, global mean (256-d), or pixels."""
+    x = images.float() / 127.5 - 1  # (n, C, H, W) in [-1, 1]
+    if kind == "pixels":
+        return x.flatten(1)
+    import torchvision
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None).eval()
+    trunk = torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
+    return torch.cat([trunk(b.expand(-1, 3, -1, -1)).mean((2, 3)) for b in x.split(batch)])
+
+
+def class_features(args, name):
+    """Per-class positives [K, Np, C] and held-out queries [K, Nq, C]."""
+    if name == "synthetic":
+        gen, dim, k = torch.Generator().manual_seed(2), 64, 10
+        centres = torch.randn(k, 8, dim, generator=gen) * 1.5  # each class: 8 clusters
+        pick = lambda n: torch.stack([c[torch.randint(0, 8, (n,), generator=gen)] for c in centres])
+        pos = pick(args.positives_per_class) + torch.randn(k, args.positives_per_class, dim, generator=gen)
+        return pos, pick(args.queries_per_class) + torch.randn(k, args.queries_per_class, dim, generator=gen)
+    out = []
+    for train in (True, False):
+        images, labels = load_images(name, args.data_dir, train)
+        count = args.positives_per_class if train else args.queries_per_class
+        count = min([count] + [int((labels == c).sum()) for c in range(10)])  # the partial CIFAR-10 has ~500
+        index = torch.stack([(labels == c).nonzero().squeeze(1)[:count] for c in range(10)])  # (K, count)
+        out.append(encode(images[index.flatten()], args.encoder).view(10, count, -1))
+    return out
+
+
+def nystrom_float64_attraction(field, x):
+    """The projected barycentre phi(x)^T S / phi(x)^T s evaluated in float64 throughout (no folding)."""
+    u = field.landmarks.double()
+    log_k = drift.log_kernel(x.double(), u, field.temperature, field.kernel)
+    phi = (log_k - log_k.amax(-1, keepdim=True)).exp() @ field.w_inv_sqrt
+    return ((phi @ field.S) / (phi @ field.s.unsqueeze(-1))).float()
+
+
+def bench_fidelity(args, dev):
+    rows = []
+    for name in args.datasets.split(","):
+        start = time.perf_counter()
+        y_pos, x = class_features(args, name)  # (K, Np, C), (K, Nq, C)
+        k, n_pos, dim = y_pos.shape
+        scale = drift.feature_scale(y_pos.reshape(-1, dim)[::7][:4000], y_pos.reshape(-1, dim)[::5][:4000])
+        y_pos, x = (y_pos / scale).to(dev), (x / scale).to(dev)  # normalised units, as drift_loss uses
+        t_eff = args.fidelity_temperature * math.sqrt(dim)
+        zero = torch.zeros_like(x[:, :1])
+        b_exact = drift.mean_shift_field(x, y_pos, zero, t_eff)  # exact attraction over all Np positives
+        repulsion = b_exact - drift.mean_shift_field(x, y_pos, None, t_eff)  # exact b_neg of the batch
+        v_exact = b_exact - repulsion  # the one-sided field the loss would use
+        print(f"fidelity: {name}: {k} classes x {n_pos} positives, {x.shape[1]} queries each, D={dim} "
+              f"({args.encoder if name != 'synthetic' else 'synthetic'}; {time.perf_counter() - start:.0f} s to encode)")
+        for strategy in args.strategies.split(","):
+            for m in (int(s) for s in args.landmark_counts.split(",")):
+                if m > n_pos:
+                    continue
+                gen = torch.Generator().manual_seed(0)
+                labels = torch.arange(k).repeat_interleave(n_pos)
+                u = drift.select_landmarks(y_pos.reshape(-1, dim).cpu(), m, strategy, labels, gen).to(dev)  # (K, M, C)
+                start = time.perf_counter()
+                field = drift.NystromField(u, t_eff).fit(y_pos)
+                fit_s = time.perf_counter() - start
+                unfolded = drift.NystromField(u, t_eff, folded=False)
+                unfolded.__dict__.update(s=field.s, S=field.S, folded_summaries=None)
+                times = measure({"exact": lambda: drift.mean_shift_field(x, y_pos, zero, t_eff),
+                                 "projected": lambda: field.attraction(x)}, args.repeats, dev)
+                b_proj = field.attraction(x)
+                row = {"dataset": name, "D": dim, "Np": n_pos, "strategy": strategy, "M": m, "fit_s": fit_s,
+                       "exact_ms": times["exact"][0], "projected_ms": times["projected"][0],
+                       "speedup": times["exact"][0] / times["projected"][0],
+                       "speedup_cpu": times["exact"][1] / times["projected"][1]}
+                row.update(drift.field_fidelity(b_proj - repulsion, v_exact))
+                row["cos_unfolded"] = drift.field_fidelity(unfolded.attraction(x) - repulsion, v_exact)["cos"]
+                row["cos_float64"] = drift.field_fidelity(nystrom_float64_attraction(field, x) - repulsion, v_exact)["cos"]
+                rows.append(row)
+    return rows
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 4) a training step of train.py, piece by piece
+
+def bench_step(args, dev):
+    return None  # filled in below once train.py exposes its pieces
+
+
+# -----------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes and synthetic data: a smoke test in seconds")
+    p.add_argument("--sections", default=sections, help="comma list of fields,memory,fidelity,step")
+    p.add_argument("--device", default=device)
+    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--shapes", default=shapes)
+    p.add_argument("--temperatures", default=temperatures)
+    p.add_argument("--landmarks", type=int, default=landmarks)
+    p.add_argument("--memory-sizes", default=memory_sizes)
+    p.add_argument("--memory-budget-gib", type=float, default=memory_budget_gib)
+    p.add_argument("--data-dir", default=data_dir)
+    p.add_argument("--datasets", default=datasets)
+    p.add_argument("--encoder", default=encoder, choices=("resnet18-random", "pixels"))
+    p.add_argument("--positives-per-class", type=int, default=positives_per_class)
+    p.add_argument("--queries-per-class", type=int, default=queries_per_class)
+    p.add_argument("--landmark-counts", default=landmark_counts)
+    p.add_argument("--strategies", default=strategies)
+    p.add_argument("--fidelity-temperature", type=float, default=fidelity_temperature)
+    p.add_argument("--step-steps", type=int, default=step_steps)
+    p.add_argument("--json", default=None, help="write every number to this file")
+    args = p.parse_args(argv)
+    if args.quick:  # every size small, synthetic data: runs in seconds, needs no files
+        args.shapes, args.temperatures, args.landmarks, args.repeats = "128x96x32", "0.05", 24, 3
+        args.memory_sizes, args.datasets, args.positives_per_class = "512", "synthetic", 300
+        args.queries_per_class, args.landmark_counts, args.strategies = 20, "10,40", "random,kmeans"
+        args.step_steps = 1
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no CUDA device; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wanted = set(args.sections.split(","))
+    if wanted - {"fields", "memory", "fidelity", "step"}:
+        raise SystemExit(f"error: unknown sections {sorted(wanted - {'fields', 'memory', 'fidelity', 'step'})}; "
+                         f"choose among fields,memory,fidelity,step")
+    results = {"machine": machine(), "args": vars(args)}
+    print(f"machine: {results['machine']}")
+    if "fields" in wanted:
+        results["fields"] = bench_fields(args, dev)
+        print("\nfields (ms: median wall time; x floor: time / time of the same-shape matrix products, same run)")
+        print(table(results["fields"], [("shape", "{}"), ("T", "{:g}"), ("field", "{}"), ("M", "{}"), ("ms", "{:.1f}"),
+                                        ("gflops", "{:.0f}"), ("floor_ms", "{:.1f}"), ("x_floor", "{:.2f}"),
+                                        ("x_floor_cpu", "{:.2f}"), ("vs_exact", "{:.2f}"),
+                                        ("err_vs_float64", "{:.1e}"), ("naive_float32_err", "{:.1e}")]))
+    if "memory" in wanted:
+        out = bench_memory(args, dev)
+        if out:
+            results["memory"], results["memory_summary"] = out
+            print("\nmemory of the exact field (N = Np, negatives = the queries; peak beyond inputs and output)")
+            print(table(out[0], [("N=Np", "{}"), ("D", "{}"), ("distances_mib", "{:.0f}"), ("mode", "{}"),
+                                 ("seconds", "{:.2f}"), ("peak_beyond_inputs_mib", "{:.0f}")]))
+            print(out[1])
+    if "fidelity" in wanted:
+        results["fidelity"] = bench_fidelity(args, dev)
+        print(f"\nprojected vs exact attraction at T={args.fidelity_temperature} (fidelity of the one-sided field)")
+        print(table(results["fidelity"], [("dataset", "{}"), ("D", "{}"), ("Np", "{}"), ("strategy", "{}"),
+                                          ("M", "{}"), ("exact_ms", "{:.1f}"), ("projected_ms", "{:.2f}"),
+                                          ("speedup", "{:.1f}"), ("speedup_cpu", "{:.1f}"), ("cos", "{:.4f}"),
+                                          ("rel_l2", "{:.3f}"), ("target_mse", "{:.2e}"),
+                                          ("cos_unfolded", "{:.4f}"), ("cos_float64", "{:.4f}")]))
+    if "step" in wanted:
+        results["step"] = bench_step(args, dev)
+    results["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
