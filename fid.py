@@ -220,7 +220,6 @@ def convert_torchscript_state_dict(ts_state, model):
         state[f"{name}.bn.bias"] = ts_state[p + ".beta"]
         state[f"{name}.bn.running_mean"] = ts_state[p + ".mean"]
         state[f"{name}.bn.running_var"] = ts_state[p + ".var"]
-        state[f"{name}.bn.num_batches_tracked"] = torch.tensor(0)
     return state
 
 
@@ -237,7 +236,8 @@ def load_inception(path=None, device="cpu"):
     With no path: pytorch-fid's weights (or inception-2015-12-05.pt) from torch.hub.get_dir()/checkpoints,
     downloaded there (sha256-checked) on first use.
     """
-    model = FIDInception()
+    with torch.device("meta"):  # no time spent on a random init that the weights replace
+        model = FIDInception()
     if path is None:
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         found = [cache / Path(u).name for u in (FID_WEIGHTS_URL, TORCHSCRIPT_URL) if (cache / Path(u).name).exists()]
@@ -262,11 +262,16 @@ def load_inception(path=None, device="cpu"):
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith(("fc.", "AuxLogits."))}  # logits: unused
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state |= {k: torch.tensor(0) for k in model.state_dict() if k.endswith("num_batches_tracked") and k not in state}
+    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
     if missing or unexpected:
-        raise ValueError(f"{path} is not the FID Inception network: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]} ({len(missing)} and {len(unexpected)} in all)")
+        raise ValueError(f"{path} is not the FID Inception network: missing {sorted(missing)[:3]}, unexpected "
+                         f"{sorted(unexpected)[:3]} ({len(missing)} and {len(unexpected)} in all)")
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:  # shapes
+        raise ValueError(f"{path} is not the FID Inception network: {str(e).splitlines()[1].strip()}") from None
     return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)  # ~1.5x faster
 
 
@@ -390,7 +395,7 @@ def load_images(source, num_samples=None, data_dir="data", batch_size=50, device
 
     A checkpoint (.pt) is sampled in one step per image (num_samples of them, 50k by default), in memory.
     """
-    path = Path(source)
+    source, path = str(source), Path(source)
     if path.is_dir():
         images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not images:
@@ -421,6 +426,7 @@ def load_images(source, num_samples=None, data_dir="data", batch_size=50, device
 
 def compute_statistics_of_path(source, model, batch_size=50, device="cpu", num_samples=None, data_dir="data"):
     """(mu, sigma) of any source; an .npz of statistics is read as it is."""
+    source = str(source)
     if source.endswith(".npz") and "mu" in _npz_keys(source):
         return load_statistics(source)
     images = load_images(source, num_samples, data_dir, batch_size, device)
@@ -477,7 +483,8 @@ def plot_fid_vs_time(jsonl_paths, out_png, title="FID against training wall-cloc
     unit, per = ("h", 3600) if t_max >= 3 * 3600 else ("min", 60) if t_max >= 180 else ("s", 1)
     fids = [f for _, points in runs for _, f in points]
     log = min(fids) > 0 and max(fids) / min(fids) > 20  # FID falls by orders of magnitude early on
-    xticks, yticks = nice_ticks(0, max(t_max / per, 1e-9)), nice_ticks(min(fids), max(fids), log)
+    pad = 0 if max(fids) > min(fids) else 1  # a single value still gets an axis around it
+    xticks, yticks = nice_ticks(0, max(t_max / per, 1)), nice_ticks(min(fids) - pad, max(fids) + pad, log)
     if not log:
         yticks = [t for t in yticks if t >= 0] or [0.0]
 
