@@ -309,9 +309,11 @@ def get_activations(images, model, batch_size=50, device="cpu"):
     features = []
     for i in tqdm(range(0, len(images), batch_size), desc="inception features", unit="batch", leave=False):
         batch = images[i: i + batch_size]
-        batch = load_image_files(batch) if isinstance(batch, list) else batch
+        if isinstance(batch, list) and isinstance(batch[0], (str, os.PathLike)):
+            batch = load_image_files(batch)
+        batch = batch if torch.is_tensor(batch) else torch.from_numpy(np.ascontiguousarray(batch))
         with torch.no_grad():
-            x = preprocess(torch.as_tensor(np.ascontiguousarray(batch)).to(device))  # (B, 3, 299, 299)
+            x = preprocess(batch.to(device))  # (B, 3, 299, 299)
             x = x.contiguous(memory_format=torch.channels_last)
             features.append(model(x).double().cpu())  # (B, 2048)
     return torch.cat(features).numpy()

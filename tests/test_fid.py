@@ -171,6 +171,7 @@ def test_every_source_gives_the_same_features(tmp_path, images, monkeypatch):
         got = fid.get_activations(loaded, model, batch_size=3)
         np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=source)
     assert calls == {"load": (str(tmp_path / "run.pt"), "cpu"), "generate": ("model", 7, "cpu")}
+    np.testing.assert_allclose(fid.get_activations(torch.from_numpy(images), model, 4), expected, atol=1e-6)
     test_split = fid.get_activations(fid.load_images("cifar10:test", data_dir=str(tmp_path)), model)
     np.testing.assert_allclose(test_split, expected[::-1], atol=1e-6)
     first3 = fid.load_images(str(tmp_path / "samples.npz"), num_samples=3)
