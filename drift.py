@@ -16,7 +16,9 @@ References:
    is T^2 (grad log p_T - grad log q_T) (Tweedie), tested in tests/test_fields.py.
 """
 
+import hashlib
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -499,3 +501,304 @@ def drift_loss(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field=
         v_total += v / rms.clamp_min(1e-12)
     loss = F.mse_loss(x_n, (x_n + v_total).detach())
     return loss, {"drift_norm": torch.stack(raw_norms).mean(), "scale": scale}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# encoder wrapper [1] A.5: a frozen network, features at several scales and locations
+
+def patch_statistics(fmap, patch=0, eps=1e-6):
+    """Per-channel mean and std of fmap [N, C, H, W] over non-overlapping patch x patch windows (0: the whole
+    map), each shaped [locations, N, C]. std = sqrt(var + eps): the eps keeps gradients finite where a
+    feature is constant (var = 0), which sqrt(var) + eps would not."""
+    fmap = fmap.float()
+    pool = (lambda t: t.mean((2, 3), keepdim=True)) if patch == 0 else (lambda t: F.avg_pool2d(t, patch))
+    mean = pool(fmap)  # (N, C, h, w)
+    std = (pool(fmap.square()) - mean.square()).clamp_min(0).add(eps).sqrt()
+    return mean.flatten(2).permute(2, 0, 1), std.flatten(2).permute(2, 0, 1)  # (h*w, N, C) each
+
+
+def feature_groups(fmaps, image, patches=(2, 4)):
+    """The feature groups of [1] A.5, each [locations, N, C] (one drift problem per location): for every
+    map its per-location vectors, per-channel mean and std over the map and over 2x2 and 4x4 patches, and
+    the raw input flattened ("pixel")."""
+    groups = {}
+    for name, fmap in fmaps.items():  # fmap (N, C, H, W)
+        groups[f"{name}.loc"] = fmap.flatten(2).permute(2, 0, 1)  # (H*W, N, C)
+        for patch in (0, *patches):
+            if patch > min(fmap.shape[-2:]):
+                continue
+            mean, std = patch_statistics(fmap, patch)
+            groups[f"{name}.mean{patch or ''}"], groups[f"{name}.std{patch or ''}"] = mean, std
+    groups["pixel"] = image.flatten(1).unsqueeze(0)  # (1, N, C*H*W)
+    return groups
+
+
+class PixelBackbone(nn.Module):
+    """No network: the image regrouped into 2x2 and 4x4 pixel blocks (space to depth), so that locations are
+    small patches and the patch statistics cover 4x4 to 16x16 pixel regions."""
+
+    def forward(self, x):
+        return {f"x{f}": F.pixel_unshuffle(x, f) for f in (2, 4) if x.shape[-1] % f == 0 and x.shape[-2] % f == 0}
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(8, c_out)
+        self.conv2, self.norm2 = nn.Conv2d(c_out, c_out, 3, 1, 1), nn.GroupNorm(8, c_out)
+        self.skip = nn.Identity() if stride == 1 and c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride)
+
+    def forward(self, x):
+        h = F.gelu(self.norm1(self.conv1(x)))
+        return F.gelu(self.skip(x) + self.norm2(self.conv2(h)))
+
+
+class SmallResNet(nn.Module):
+    """The encoder this project trains itself, as a masked autoencoder like [1]'s (train.py --stage encoder):
+    four stages of two residual blocks at strides 1, 2, 4, 8; the last three are the feature maps."""
+
+    def __init__(self, in_channels=3, widths=(32, 64, 128, 256)):
+        super().__init__()
+        self.config = {"in_channels": in_channels, "widths": list(widths)}
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1)
+        self.stages = nn.ModuleList(nn.Sequential(ResBlock(c_in, c_out, 1 if i == 0 else 2), ResBlock(c_out, c_out))
+                                    for i, (c_in, c_out) in enumerate(zip(widths[:1] + widths[:-1], widths)))
+
+    def forward(self, x):
+        h, maps = self.stem(x), {}
+        for i, stage in enumerate(self.stages):
+            h = maps[f"stage{i + 1}"] = stage(h)
+        return {k: v for k, v in maps.items() if k != "stage1"}
+
+
+class MAEDecoder(nn.Module):
+    """Predicts the pixels from SmallResNet's deepest map; used only to train the encoder."""
+
+    def __init__(self, out_channels, widths=(32, 64, 128, 256)):
+        super().__init__()
+        layers = []
+        for c_in, c_out in zip(widths[::-1], widths[::-1][1:]):
+            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(c_in, c_out, 3, 1, 1), nn.GELU()]
+        self.net = nn.Sequential(*layers, nn.Conv2d(widths[0], out_channels, 3, 1, 1))
+
+    def forward(self, deepest, size):
+        return F.interpolate(self.net(deepest), size=size, mode="bilinear", align_corners=False)
+
+
+class TorchvisionResNet(nn.Module):
+    """A torchvision ResNet (ImageNet weights) tapped after each of its four stages."""
+
+    def __init__(self, name, weights=None):
+        super().__init__()
+        import torchvision
+        if weights is None:  # torchvision's own weights API: downloads once into the torch cache
+            try:
+                self.net = torchvision.models.get_model(name, weights="DEFAULT")
+            except Exception as e:
+                raise ValueError(f"could not get ImageNet weights for {name} ({type(e).__name__}: {e}); when "
+                                 f"offline, pass a local state-dict file with --encoder-weights") from None
+        else:
+            self.net = torchvision.models.get_model(name, weights=None)
+            self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        x = ((x.expand(-1, 3, -1, -1) + 1) / 2 - self.mean) / self.std  # [-1, 1] grey or RGB -> ImageNet
+        n = self.net
+        h, maps = n.maxpool(n.relu(n.bn1(n.conv1(x)))), {}
+        for i in range(1, 5):
+            h = maps[f"layer{i}"] = getattr(n, f"layer{i}")(h)
+        return maps
+
+
+class DINOv2(nn.Module):
+    """DINOv2 ViT through torch.hub (online once), tapped at its last four blocks as [N, C, h, w] maps."""
+
+    def __init__(self, name, weights=None):
+        super().__init__()
+        try:
+            self.net = torch.hub.load("facebookresearch/dinov2", name, pretrained=weights is None)
+            if weights is not None:
+                self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise ValueError(f"could not load {name} through torch.hub ({type(e).__name__}: {e}); it needs the "
+                             f"network once, or its hub cache") from None
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        x = ((x.expand(-1, 3, -1, -1) + 1) / 2 - self.mean) / self.std
+        maps = self.net.get_intermediate_layers(x, n=4, reshape=True)
+        return {f"block{i}": m for i, m in enumerate(maps)}
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Encoder(nn.Module):
+    """
+    The frozen feature network of [1] A.5. images [N, C, H, W] in [-1, 1] -> {group: [locations, N, C]}.
+    Its weights never change (requires_grad False, eval mode), but gradients flow through it to the
+    generator. name: a key of ENCODERS; weights: a local weights file (needed for "mae"); resolution: the
+    size images are resized to before the network (None: as they come; DINOv2 needs a multiple of 14).
+    """
+
+    def __init__(self, name="pixel", weights=None, in_channels=3, resolution=None, patches=(2, 4)):
+        super().__init__()
+        if name not in ENCODERS:
+            raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+        if weights is not None and not os.path.isfile(weights):
+            raise ValueError(f"encoder weights file {weights!r} does not exist")
+        self.net = ENCODERS[name](in_channels, weights)
+        self.resolution, self.patches = resolution, tuple(patches)
+        self.identity = {"name": name, "weights": weights, "sha256": weights and _sha256(weights),
+                         "resolution": resolution, "patches": list(patches)}
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: normalisation layers keep their statistics
+
+    def forward(self, images):
+        x = images
+        if self.resolution is not None and tuple(x.shape[-2:]) != (self.resolution,) * 2:
+            x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", align_corners=False)
+        return feature_groups(self.net(x), images, self.patches)
+
+
+def _load_mae(in_channels, weights):
+    if weights is None:
+        raise ValueError("the mae encoder needs its weights file: train one with `python train.py --stage encoder` "
+                         "and pass --encoder-weights out/encoder.pt")
+    saved = torch.load(weights, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or "encoder" not in saved:
+        raise ValueError(f"{weights} is not an encoder file written by train.py --stage encoder")
+    net = SmallResNet(**saved["config"])
+    if net.config["in_channels"] != in_channels:
+        raise ValueError(f"encoder {weights} takes {net.config['in_channels']} channels, the images have {in_channels}")
+    net.load_state_dict(saved["encoder"])
+    return net
+
+
+ENCODERS = {
+    "pixel": lambda in_channels, weights: PixelBackbone(),
+    "mae": _load_mae,
+    "resnet18": lambda in_channels, weights: TorchvisionResNet("resnet18", weights),
+    "resnet50": lambda in_channels, weights: TorchvisionResNet("resnet50", weights),
+    "dinov2_vits14": lambda in_channels, weights: DINOv2("dinov2_vits14", weights),
+    "dinov2_vitb14": lambda in_channels, weights: DINOv2("dinov2_vitb14", weights),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generator: a compact DiT with adaLN-zero [1] A.2
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # (N, T, D)
+
+
+def scalar_embedding(value, dim, max_period=1000.0):
+    """Sinusoidal features of a scalar per sample (here the CFG scale alpha): [N] -> [N, dim]."""
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=value.device) / (dim // 2))
+    args = value.float()[:, None] * 100.0 * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], -1)
+
+
+def sincos_positions(side, dim):
+    """Fixed 2-D sin-cos position embedding for a side x side token grid: [side*side, dim]."""
+    pos = torch.arange(side, dtype=torch.float64)
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    grid = torch.outer(pos, freqs)  # (side, dim/4)
+    rows = torch.cat([grid.sin(), grid.cos()], -1)  # (side, dim/2)
+    return torch.cat([rows[:, None].expand(side, side, -1), rows[None].expand(side, side, -1)], -1).reshape(-1, dim).float()
+
+
+class Block(nn.Module):
+    """A DiT block: attention and MLP, each with adaLN-zero shift, scale and gate from the conditioning."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim, elementwise_affine=False), nn.LayerNorm(dim, elementwise_affine=False)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.modulation = nn.Linear(dim, 6 * dim)  # zero-initialised by Generator
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c)).chunk(6, -1)  # (N, D) each
+        n, t, d = x.shape
+        q, k, v = self.qkv(modulate(self.norm1(x), shift1, scale1)).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d)  # (N, T, D)
+        x = x + gate1.unsqueeze(1) * self.proj(h)
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class Generator(nn.Module):
+    """
+    The one-step generator x = f(noise, class, alpha): patchify the noise, DiT blocks conditioned by adaLN-zero
+    on class embedding + CFG-scale embedding (+ the sum of random "style" token embeddings from a codebook),
+    unpatchify. Modulations and the output layer start at zero, so every sample starts at x = 0; the
+    attraction (and the self-masked repulsion) moves them apart in the first steps.
+    """
+
+    def __init__(self, image_size=32, channels=3, num_classes=10, patch_size=4, dim=256, depth=6, heads=4,
+                 mlp_ratio=4.0, style_tokens=32, style_codebook=64):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
+        self.image_size, self.channels, self.patch_size = image_size, channels, patch_size
+        self.num_classes, self.style_tokens, self.style_codebook = num_classes, style_tokens, style_codebook
+        self.patch_embed = nn.Conv2d(channels, dim, patch_size, patch_size)  # patchify
+        self.register_buffer("positions", sincos_positions(image_size // patch_size, dim), persistent=False)
+        self.class_embed = nn.Embedding(num_classes, dim)
+        self.cfg_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.style_embed = nn.Embedding(style_codebook, dim) if style_tokens else None
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.final_modulation = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, patch_size * patch_size * channels)
+        self.apply(lambda m: nn.init.xavier_uniform_(m.weight) if isinstance(m, nn.Linear) else None)
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        for layer in [b.modulation for b in self.blocks] + [self.final_modulation, self.out]:  # adaLN-zero
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def make_noise(self, n, generator=None, device="cpu"):
+        """The generator's random inputs: Gaussian noise [n, C, H, W] and style token indices [n, tokens]."""
+        noise = torch.randn(n, self.channels, self.image_size, self.image_size, generator=generator)
+        style = torch.randint(self.style_codebook, (n, self.style_tokens), generator=generator) if self.style_tokens else None
+        return noise.to(device), None if style is None else style.to(device)
+
+    def forward(self, noise, labels, alpha, style=None):
+        p, side = self.patch_size, self.image_size // self.patch_size
+        x = self.patch_embed(noise).flatten(2).transpose(1, 2) + self.positions  # (N, T, D)
+        c = self.class_embed(labels) + self.cfg_embed(scalar_embedding(alpha, x.shape[-1]))  # (N, D)
+        if style is not None:
+            c = c + self.style_embed(style).sum(1)
+        for block in self.blocks:
+            x = block(x, c)
+        shift, scale = self.final_modulation(F.silu(c)).chunk(2, -1)
+        x = self.out(modulate(self.final_norm(x), shift, scale))  # (N, T, p*p*C)
+        x = x.view(-1, side, side, p, p, self.channels).permute(0, 5, 1, 3, 2, 4)  # (N, C, side, p, side, p)
+        return x.reshape(-1, self.channels, self.image_size, self.image_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# registries
+
+GENERATORS = {  # DiT-style sizes; patch size, image size, channels and classes come from the data
+    "tiny": dict(dim=128, depth=4, heads=4),
+    "small": dict(dim=384, depth=12, heads=6),
+    "base": dict(dim=768, depth=12, heads=12),
+}

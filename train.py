@@ -1,0 +1,483 @@
+"""
+Train a one-step image generator by drifting [Deng et al. 2602.04770] in a frozen encoder's feature space,
+with the exact field (Algorithm 2) or DriftXpress's projected Nystrom attraction [2605.12183].
+
+    python train.py --dataset mnist --data-dir data --download                  # pixel features, Nystrom field
+    python train.py --dataset mnist --field exact --time-limit 15                # exact field, 15 minutes
+    python train.py --stage encoder --dataset cifar10 --out-dir out/mae          # train the MAE encoder
+    python train.py --dataset cifar10 --encoder mae --encoder-weights out/mae/encoder.pt
+    torchrun --nproc_per_node=2 train.py --dataset cifar10                      # DistributedDataParallel
+    python train.py --resume --out-dir out                                       # continue a killed run
+
+Every flag is a name in the defaults block below (underscores become dashes).
+"""
+
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import resource
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import drift
+from sample import generate_images, save_grid
+
+# ---------------------------------------------------------------------------------------------- defaults
+_before = set(globals())
+stage = "generator"  # generator | encoder (train the small ResNet MAE encoder instead)
+# data
+dataset = "mnist"  # mnist | fashion-mnist | cifar10 | cifar100 | svhn | imagefolder | fake (random images, for tests)
+data_dir = "data"  # torchvision root, or the root of an ImageNet-style folder
+download = False  # let torchvision download the dataset into --data-dir
+image_size = 0  # resize images to this many pixels a side (0: the dataset's own; imagefolder needs one)
+fake_size = 256  # images in --dataset fake
+# method
+field = "nystrom"  # nystrom (DriftXpress projected attraction) | exact (Algorithm 2 against real batches)
+encoder = "pixel"  # pixel | mae | resnet18 | resnet50 | dinov2_vits14 | dinov2_vitb14
+encoder_weights = ""  # local weights file (mae: written by --stage encoder; resnet/dinov2 when offline)
+encoder_resolution = 0  # resize images to this before the encoder (0: as they are)
+temperatures = (0.02, 0.05, 0.2)  # summed, each drift normalised by its RMS [1] A.6
+classes_per_step = 10  # Nc classes per batch
+gen_per_class = 32  # Nneg generated samples per class (they are also the negatives)
+pos_per_class = 64  # Npos real positives per class (exact field)
+unc_per_class = 16  # Nunc real unconditional negatives per class, weighted for CFG [1] §3.5
+cfg_max = 4.0  # alpha in [1, cfg-max] drawn with p(alpha) ~ alpha^-cfg_power
+cfg_power = 3.0
+landmarks = 128  # Nystrom landmarks per class (real samples)
+landmark_strategy = "random"  # random | kmeans | kcenter (on pooled global features)
+ridge = 1e-4  # Nystrom ridge
+feature_cache = ""  # folder for encoded training sets (default: <data-dir>/feature_cache)
+save_fields = False  # also write the Nystrom summaries to <out-dir>/fields.pt
+# generator and optimiser
+model = "tiny"  # tiny | small | base (drift.GENERATORS)
+patch_size = 0  # 0: 4 up to 32 pixels, 8 above
+style_tokens = 32  # random style tokens summed into the conditioning (0: none)
+lr = 4e-4
+warmup = 100  # linear warm-up steps
+weight_decay = 0.01
+grad_clip = 2.0
+ema = 0.999
+max_steps = 3000
+time_limit = 0.0  # minutes of training before stopping with a checkpoint (0: none)
+encoder_steps = 2000  # --stage encoder: steps of masked-autoencoder training
+encoder_batch = 128
+mask_ratio = 0.5  # --stage encoder: fraction of 4x4 patches hidden
+# run
+out_dir = "out"
+resume = False  # continue from <out-dir>/ckpt.pt exactly where it stopped
+log_every = 25
+sample_every = 250  # PNG grid of EMA samples (0: only at the end)
+ckpt_every = 250
+sample_cfg = 1.0  # CFG scale of the sample grids
+fid_every = 0  # FID every K steps (needs --fid-ref and fid.py)
+fid_samples = 5000
+fid_ref = ""  # reference statistics .npz (mu, sigma)
+inception = ""  # local Inception weights for fid.py
+seed = 0
+device = "auto"  # auto | cpu | cuda | cuda:1 ...
+dtype = "bf16"  # bf16 | fp32: autocast on GPU (fields always fp32; CPU always fp32)
+compile = False  # torch.compile the generator
+_defaults = {k: v for k, v in globals().items() if k not in _before and not k.startswith("_")}
+# --------------------------------------------------------------------------------------------------------
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "imagefolder", "fake")
+RUN_FLAGS = ("max_steps", "time_limit", "log_every", "sample_every", "ckpt_every", "fid_every", "fid_samples",
+             "fid_ref", "inception", "device", "compile", "resume", "out_dir", "data_dir", "feature_cache")
+
+
+def load_dataset(args):
+    """The training set as uint8 images [n, C, H, W] and int64 labels [n], or one clear SystemExit."""
+    from torchvision import datasets, transforms
+    name, root = args.dataset, args.data_dir
+    if name not in DATASETS:
+        raise SystemExit(f"error: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    try:
+        if name == "fake":
+            ds = datasets.FakeData(args.fake_size, (3, 16, 16), num_classes=4)
+            images = torch.stack([torch.from_numpy(np.asarray(ds[i][0])) for i in range(len(ds))]).permute(0, 3, 1, 2)
+            labels = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+        elif name in ("mnist", "fashion-mnist"):
+            ds = (datasets.MNIST if name == "mnist" else datasets.FashionMNIST)(root, train=True, download=args.download)
+            images, labels = ds.data.unsqueeze(1), ds.targets
+        elif name in ("cifar10", "cifar100"):
+            ds = (datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100)(root, train=True, download=args.download)
+            images, labels = torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets)
+        elif name == "svhn":
+            ds = datasets.SVHN(root, split="train", download=args.download)
+            images, labels = torch.from_numpy(ds.data), torch.from_numpy(ds.labels)
+        else:
+            if args.image_size <= 0:
+                raise SystemExit("error: --dataset imagefolder needs --image-size (e.g. 64)")
+            tf = transforms.Compose([transforms.Resize(args.image_size), transforms.CenterCrop(args.image_size),
+                                     transforms.PILToTensor()])
+            ds = datasets.ImageFolder(root, transform=tf)
+            loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=min(8, os.cpu_count() or 1))
+            batches = list(tqdm(loader, desc="loading images"))
+            images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    except SystemExit:
+        raise
+    except Exception as e:
+        hint = "" if args.download or name in ("imagefolder", "fake") else "; pass --download to fetch it"
+        raise SystemExit(f"error: could not load {name} from {os.path.abspath(root)} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){hint}")
+    if len(images) == 0:
+        raise SystemExit(f"error: dataset {name} at {root} has no images")
+    if args.image_size > 0 and images.shape[-1] != args.image_size:
+        images = F.interpolate(images.float(), size=(args.image_size,) * 2, mode="bilinear", antialias=True)
+        images = images.round().clamp(0, 255).to(torch.uint8)
+    return images.contiguous(), labels.long()
+
+
+def to_float(images):
+    return images.float() / 127.5 - 1  # uint8 -> [-1, 1]
+
+
+def generator_from_args(a):
+    """The generator a run's arguments (a plain dict) describe."""
+    patch = a["patch_size"] or (4 if a["image_size"] <= 32 else 8)
+    return drift.Generator(a["image_size"], a["channels"], a["num_classes"], patch, style_tokens=a["style_tokens"],
+                           **drift.GENERATORS[a["model"]])
+
+
+def make_encoder(args, channels):
+    try:
+        return drift.Encoder(args.encoder, args.encoder_weights or None, channels, args.encoder_resolution or None)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def state_digest(obj):
+    """SHA-256 over every tensor's bytes and every value of a nested checkpoint dict."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if torch.is_tensor(o):
+            h.update(f"{o.dtype}{tuple(o.shape)}".encode())
+            h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            for k in sorted(o, key=str):
+                h.update(repr(k).encode())
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+        else:
+            h.update(repr(o).encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(path, ckpt):
+    """Atomic: a reader sees the old checkpoint or the new one, never half of one."""
+    ckpt = dict(ckpt, sha256=state_digest(ckpt))
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: checkpoint {path} is truncated or corrupt and cannot be read "
+                         f"({type(e).__name__}); resume from an intact copy or start a new run")
+    if not isinstance(ckpt, dict) or ckpt.get("sha256") != state_digest({k: v for k, v in ckpt.items() if k != "sha256"}):
+        raise SystemExit(f"error: checkpoint {path} fails its integrity check (tampered or damaged); refusing to load it")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------- features
+
+def encode_dataset(args, encoder, images, device, rank):
+    """Every training image through the frozen encoder once, cached to disk as float16 {group: [L, n, C]},
+    keyed by dataset, encoder (name, weights hash, resolution) and image size."""
+    ident = encoder.identity
+    key = hashlib.sha256(json.dumps([args.dataset, args.fake_size, list(images.shape), ident]).encode()).hexdigest()[:12]
+    folder = args.feature_cache or os.path.join(args.data_dir, "feature_cache")
+    path = os.path.join(folder, f"{args.dataset}-{images.shape[-1]}px-{ident['name']}-{key}.pt")
+    if rank == 0 and not os.path.exists(path):
+        feats = {}
+        with torch.no_grad():
+            for i in tqdm(range(0, len(images), 500), desc="encoding the training set"):
+                for g, v in encoder(to_float(images[i:i + 500]).to(device)).items():
+                    feats.setdefault(g, []).append(v.half().cpu())
+        os.makedirs(folder, exist_ok=True)
+        torch.save({g: torch.cat(v, 1) for g, v in feats.items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    if dist.is_initialized():
+        dist.barrier()
+    return torch.load(path, weights_only=True)
+
+
+def build_fields(args, feats, labels, num_classes, device, rank, world):
+    """Fixed per-group scales, per-class landmarks (the same samples for every group and location) and the
+    Nystrom summaries, each process on its own shard of the data, all-reduced."""
+    scales, pooled = {}, []
+    for g, y in feats.items():  # y (L, n, C)
+        per_class = [(labels == k).nonzero().squeeze(1)[:128] for k in range(min(num_classes, 10))]
+        scales[g] = torch.stack([drift.feature_scale(y[:, i].float()) for i in per_class if len(i) > 1]).mean()
+        if y.shape[0] == 1:  # global groups, each at mean distance about 1, pick the landmarks
+            pooled.append(y[0].float() / (scales[g] * math.sqrt(y.shape[-1])))
+    gen = torch.Generator().manual_seed(args.seed)
+    try:
+        _, index = drift.select_landmarks(torch.cat(pooled, -1), args.landmarks, args.landmark_strategy, labels, gen,
+                                          return_index=True)  # (K, M)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}; lower --landmarks")
+    fields = {}
+    for g, y in tqdm(feats.items(), desc="Nystrom summaries", disable=rank != 0):
+        u = y[:, index].float().to(device)  # (L, K, M, C)
+        fields[g] = drift.build_nystrom_fields(y[:, rank::world].float(), u, args.temperatures, scales[g].to(device),
+                                               labels[rank::world], args.ridge, all_reduce=world > 1)
+    return {g: s.to(device) for g, s in scales.items()}, fields
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def sample_alpha(n, args, gen):
+    """CFG scales alpha on [1, cfg_max] with density ~ alpha^-k, by inverting the CDF ([1] A.7)."""
+    u, k = torch.rand(n, generator=gen), args.cfg_power
+    if args.cfg_max <= 1:
+        return torch.ones(n)
+    return (1 - u * (1 - args.cfg_max ** (1 - k))) ** (1 / (1 - k))
+
+
+def drift_step(args, model, encoder, images, by_class, feats, scales, fields, gen, device, autocast):
+    """One drifting loss: Nc classes x Nneg generated samples; negatives are the class's own samples plus
+    Nunc real unconditional samples weighted w = (alpha - 1)(Nneg - 1)/Nunc. Returns (loss, drift norm)."""
+    raw = getattr(model, "module", model)
+    nc, nneg, npos, nunc = min(args.classes_per_step, len(by_class)), args.gen_per_class, args.pos_per_class, args.unc_per_class
+    classes = torch.randperm(len(by_class), generator=gen)[:nc]  # (Nc,)
+    alpha = sample_alpha(nc, args, gen)  # (Nc,)
+    noise, style = raw.make_noise(nc * nneg, gen, device)
+    unc = torch.randint(len(images), (nc * nunc,), generator=gen)
+    w_unc = (alpha - 1) * (nneg - 1) / max(nunc, 1)  # (Nc,)
+    weights = torch.cat([torch.ones(nc, nneg), w_unc[:, None].expand(nc, nunc)], -1).to(device)  # (Nc, Nneg+Nunc)
+    with autocast:
+        x = model(noise, classes.repeat_interleave(nneg).to(device), alpha.repeat_interleave(nneg).to(device), style)
+        gen_feats = encoder(x)  # {group: (L, Nc*Nneg, C)}
+        if args.field == "exact":  # real positives of the batch's classes and unconditional negatives, encoded now
+            pos = torch.stack([by_class[k][torch.randint(len(by_class[k]), (npos,), generator=gen)] for k in classes])
+            with torch.no_grad():
+                real = encoder(to_float(images[torch.cat([pos.flatten(), unc])]).to(device))
+    loss, norms = 0.0, []
+    for g, xg in gen_feats.items():
+        L, C = xg.shape[0], xg.shape[-1]
+        xg = xg.float().view(L, nc, nneg, C)
+        if args.field == "exact":
+            y_pos = real[g][:, :nc * npos].float().view(L, nc, npos, C)
+            y_unc = real[g][:, nc * npos:].float().view(L, nc, nunc, C)
+        else:
+            y_pos, y_unc = None, feats[g][:, unc].to(device).float().view(L, nc, nunc, C)
+        y_neg = torch.cat([xg.detach(), y_unc], -2)  # (L, Nc, Nneg+Nunc, C): the samples themselves first
+        loss_g, stats = drift.drift_loss(xg, y_pos, y_neg, args.temperatures, args.field, fields.get(g),
+                                         weights.expand(L, nc, -1), True, scales.get(g), classes.to(device))
+        loss, norms = loss + loss_g, norms + [stats["drift_norm"]]
+    return loss, torch.stack(norms).mean()
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    for e, p in zip(ema_model.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def setup(args):
+    """(rank, world size, device); torchrun sets RANK and WORLD_SIZE, then gloo on CPU or nccl on GPUs."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device(device)
+
+
+def train(args):
+    rank, world, device = setup(args)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if ckpt is not None:  # the run's own settings win; only run-control flags may change
+        vars(args).update({k: v for k, v in ckpt["args"].items() if k not in RUN_FLAGS})
+    args.temperatures = tuple(args.temperatures)
+    if args.field not in ("exact", "nystrom"):
+        raise SystemExit(f"error: unknown field {args.field!r}; choose exact or nystrom")
+    if args.model not in drift.GENERATORS:
+        raise SystemExit(f"error: unknown model {args.model!r}; choose one of {', '.join(drift.GENERATORS)}")
+    images, labels = load_dataset(args)
+    by_class = [(labels == k).nonzero().squeeze(1) for k in range(int(labels.max()) + 1)]
+    args.channels, args.image_size, args.num_classes = images.shape[1], images.shape[-1], len(by_class)
+    os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+    t_setup = time.time()
+    torch.manual_seed(args.seed)
+    encoder = make_encoder(args, args.channels).to(device)
+    if ckpt is not None and ckpt["encoder"] != encoder.identity:
+        raise SystemExit(f"error: the checkpoint was trained with encoder {ckpt['encoder']}, not {encoder.identity}")
+    model = generator_from_args(vars(args)).to(device)
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    gen = torch.Generator().manual_seed(args.seed + rank)  # every random draw of training comes from here
+    step, train_seconds = 0, 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["rng"][rank])
+        step, train_seconds = ckpt["step"], ckpt["train_seconds"]
+    feats, scales, fields = None, {}, {}
+    if args.field == "nystrom":  # the exact field encodes its real images every step instead
+        feats = encode_dataset(args, encoder, images, device, rank)
+    if args.field == "nystrom":
+        scales, fields = build_fields(args, feats, labels, len(by_class), device, rank, world)
+        if args.save_fields and rank == 0:
+            torch.save({g: {"scale": scales[g].cpu(), "s": [f.s.cpu() for f in fs], "S": [f.S.cpu() for f in fs]}
+                        for g, fs in fields.items()}, os.path.join(args.out_dir, "fields.pt"))
+    train_seconds += time.time() - t_setup
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = torch.compile(net) if args.compile else net
+    use_bf16 = device.type == "cuda" and args.dtype == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    # the JSONL log: a config line, then every logged number; a resumed run drops what came after its checkpoint
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    if rank == 0:
+        lines = []
+        if ckpt is not None and os.path.exists(log_path):
+            lines = [l for l in open(log_path) if json.loads(l).get("step", 0) <= step]
+        lines.append(json.dumps({"event": "config" if ckpt is None else "resume", "step": step, "args": vars(args)}) + "\n")
+        with open(log_path, "w") as f:
+            f.writelines(lines)
+
+    def log(record):
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint():
+        states = [gen.get_state()]
+        if world > 1:
+            states = [None] * world
+            dist.all_gather_object(states, gen.get_state())
+        if rank == 0:
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema_model.state_dict(),
+                                        "optimizer": opt.state_dict(), "step": step, "args": vars(args),
+                                        "encoder": encoder.identity, "rng": states, "train_seconds": train_seconds})
+
+    def evaluate():  # sample grid and FID, outside the training clock
+        if rank != 0:
+            return
+        k = min(args.num_classes, 10)
+        grid = generate_images(ema_model, vars(args), 8 * k, 256, device, args.seed, args.sample_cfg, list(range(k)))
+        save_grid(grid, os.path.join(args.out_dir, "samples", f"step{step:06d}.png"), nrow=k)
+        if args.fid_every > 0 and step % args.fid_every == 0:
+            import fid
+            t0 = time.time()
+            inception = fid.load_inception(args.inception or None, device=device)
+            imgs = generate_images(ema_model, vars(args), args.fid_samples, 250, device, args.seed + 1, args.sample_cfg)
+            value = fid.fid_from_images(imgs, args.fid_ref, inception, 250, device)
+            log({"event": "fid", "step": step, "fid": value, "train_seconds": train_seconds, "eval_seconds": time.time() - t0})
+            tqdm.write(f"step {step}: FID {value:.2f}")
+
+    bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="drifting")
+    sums = [0.0, 0.0, 0.0, 0]  # loss, drift norm, seconds, steps since the last log line
+    while step < args.max_steps:
+        t0 = time.time()
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+        loss, drift_norm = drift_step(args, net, encoder, images, by_class, feats, scales, fields, gen, device, autocast)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        update_ema(ema_model, model, args.ema)
+        step += 1
+        bar.update(1)
+        seconds = time.time() - t0
+        sums = [sums[0] + loss.item(), sums[1] + drift_norm.item(), sums[2] + seconds, sums[3] + 1]
+        train_seconds += seconds
+        out_of_time = args.time_limit > 0 and train_seconds > 60 * args.time_limit
+        if step % args.log_every == 0 or step == args.max_steps or out_of_time:
+            rate = sums[3] / sums[2]
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else \
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            record = {"step": step, "loss": sums[0] / sums[3], "drift_norm": sums[1] / sums[3],
+                      "train_seconds": round(train_seconds, 3), "steps_per_sec": rate,
+                      "images_per_sec": rate * world * args.gen_per_class * min(args.classes_per_step, len(by_class)),
+                      "peak_mem_gb": peak, "lr": opt.param_groups[0]["lr"]}
+            log(record)
+            bar.write(f"step {step}: loss {record['loss']:.4f}, drift norm {record['drift_norm']:.4f}, "
+                      f"{rate:.2f} steps/s, {record['images_per_sec']:.0f} img/s, peak mem {peak:.2f} GB")
+            sums = [0.0, 0.0, 0.0, 0]
+        done = step == args.max_steps or out_of_time
+        if done or (args.ckpt_every and step % args.ckpt_every == 0):
+            checkpoint()
+        if done or (args.sample_every and step % args.sample_every == 0) or (args.fid_every and step % args.fid_every == 0):
+            evaluate()
+        if out_of_time:
+            break
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return {"step": step, "train_seconds": train_seconds, "model": model, "ema": ema_model}
+
+
+def train_encoder(args):
+    """--stage encoder: the small ResNet as a masked autoencoder (hide 4x4 patches, predict their pixels)."""
+    images, _ = load_dataset(args)
+    device = setup(args)[2]
+    torch.manual_seed(args.seed)
+    net, decoder = drift.SmallResNet(images.shape[1]).to(device), drift.MAEDecoder(images.shape[1]).to(device)
+    opt = torch.optim.AdamW(list(net.parameters()) + list(decoder.parameters()), lr=1e-3, weight_decay=0.01)
+    size = images.shape[-1]
+    for step in (bar := tqdm(range(args.encoder_steps), desc="MAE encoder")):
+        x = to_float(images[torch.randint(len(images), (args.encoder_batch,))]).to(device)
+        mask = (torch.rand(len(x), 1, -(-size // 4), -(-size // 4), device=device) < args.mask_ratio).float()
+        mask = F.interpolate(mask, scale_factor=4.0)[..., :size, :size]  # (B, 1, H, W), 1 = hidden
+        pred = decoder(net(x * (1 - mask))["stage4"], x.shape[-2:])
+        loss = ((pred - x).square() * mask).sum() / (mask.sum() * x.shape[1]).clamp_min(1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "encoder.pt")
+    torch.save({"encoder": net.state_dict(), "config": net.config, "dataset": args.dataset}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}: use --encoder mae --encoder-weights {path}")
+    return path
+
+
+def parse_args(argv=None):
+    import argparse
+    helps = dict(re.findall(r"^(\w+) = .*?  # (.*)$", open(__file__).read(), re.M))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, value in _defaults.items():
+        flag, kw = "--" + name.replace("_", "-"), {"default": value, "help": helps.get(name, " ")}
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(value, tuple):
+            parser.add_argument(flag, type=float, nargs="+", **kw)
+        else:
+            parser.add_argument(flag, type=type(value), **kw)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return train_encoder(args) if args.stage == "encoder" else train(args)
+
+
+if __name__ == "__main__":
+    main()
