@@ -47,7 +47,8 @@ positives_per_class = 5000
 queries_per_class = 100  # a batch of 1000 over 10 classes
 landmark_counts = "50,100,200,500"
 strategies = "random,kmeans"
-fidelity_temperature = 0.05
+fidelity_temperatures = "0.02,0.05,0.2"
+feature_cache = ""  # folder to keep encoded features between runs ("" = none)
 step_steps = 5  # train.py steps timed per field
 
 
@@ -184,12 +185,13 @@ def _status_mib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _peak_memory_child(n, dim, device_name, chunk_size):
+def _peak_memory_child(n, dim, device_name, chunk_size, threads):
     """In a fresh process: peak memory of one exact field at N = Np beyond its inputs and output. CPU: the
     peak resident set (VmHWM) reset just before the call (write 5 to /proc/self/clear_refs), minus the
     resident set before it, minus the output; an upper bound on what torch allocated, since memory freed
     but kept by the C allocator still counts. CUDA: max_memory_allocated minus what was allocated before."""
     dev = torch.device(device_name)
+    torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     x, y_pos = clustered(n, dim, gen).to(dev), clustered(n, dim, gen).to(dev)
     scale = drift.feature_scale(x[:1024], y_pos[:1024])
@@ -224,24 +226,27 @@ def bench_memory(args, dev):
     for n in (int(s) for s in args.memory_sizes.split(",")):
         whole = 4 * n * 2 * n <= drift.FIELD_MEMORY  # are the distances kept whole?
         with ctx.Pool(1) as pool:  # a fresh process per size: peaks never mix
-            r = pool.apply(_peak_memory_child, (n, dim, dev.type, None))
+            r = pool.apply(_peak_memory_child, (n, dim, dev.type, None, torch.get_num_threads()))
         rows.append({"N=Np": n, "D": dim, "distances_mib": 4 * n * 2 * n / 2**20,
                      "mode": "whole" if whole else f"chunks of {max(1, drift.FIELD_MEMORY // (8 * n))}", **r})
-    # the largest N within the budget: peak memory grows linearly in N once the distances are chunked
-    chunked = [r for r in rows if r["mode"] != "whole"] or rows
-    budget = args.memory_budget_gib * 1024
-    if len(chunked) >= 2:
-        (n0, p0), (n1, p1) = [(r["N=Np"], r["peak_beyond_inputs_mib"]) for r in chunked[-2:]]
-        slope = (p1 - p0) / (n1 - n0)
-        largest = int(n1 + (budget - p1) / slope) if slope > 0 else None
-    else:
-        largest = None
+    # the largest N within the budget. Whole distances take 8 N^2 bytes (N x 2N float32); the rest grows like
+    # N (points, centred copies, output), its slope read off the largest whole-mode run. Chunked, the distances
+    # take FIELD_MEMORY at most, so the peak is about FIELD_MEMORY + slope * N.
+    budget, whole_rows = args.memory_budget_gib * 1024, [r for r in rows if r["mode"] == "whole"]
+    largest = None
+    if whole_rows:
+        r = whole_rows[-1]
+        slope = max(r["peak_beyond_inputs_mib"] - r["distances_mib"], 1e-6) / r["N=Np"]  # MiB per query
+        largest = int((budget - drift.FIELD_MEMORY / 2**20) / slope) if budget > drift.FIELD_MEMORY / 2**20 else \
+            int(math.sqrt(budget * 2**20 / 8))
     # a chunked field gives the same result as the whole one
     gen = torch.Generator().manual_seed(1)
     x, y_pos = clustered(300, 32, gen).to(dev), clustered(200, 32, gen).to(dev)
     t = 0.05 * math.sqrt(32) * drift.feature_scale(x, y_pos).item()
     chunk_err = relative_error(drift.drift_field(x, y_pos, None, t, chunk_size=37), drift.drift_field(x, y_pos, None, t))
-    return rows, {"budget_gib": args.memory_budget_gib, "largest_N_in_budget": largest, "chunk_vs_whole_err": chunk_err,
+    fits = [r["N=Np"] for r in rows if r["peak_beyond_inputs_mib"] <= budget]
+    return rows, {"budget_gib": args.memory_budget_gib, "largest_N_in_budget_model": largest,
+                  "largest_N_measured_in_budget": max(fits) if fits else None, "chunk_vs_whole_err": chunk_err,
                   "field_memory_mib": drift.FIELD_MEMORY / 2**20}
 
 
@@ -285,13 +290,17 @@ def encode(images, kind, batch=500):
 
 
 def class_features(args, name):
-    """Per-class positives [K, Np, C] and held-out queries [K, Nq, C]."""
+    """Per-class positives [K, Np, C] and held-out queries [K, Nq, C], cached in --feature-cache if given."""
     if name == "synthetic":
         gen, dim, k = torch.Generator().manual_seed(2), 64, 10
         centres = torch.randn(k, 8, dim, generator=gen) * 1.5  # each class: 8 clusters
         pick = lambda n: torch.stack([c[torch.randint(0, 8, (n,), generator=gen)] for c in centres])
         pos = pick(args.positives_per_class) + torch.randn(k, args.positives_per_class, dim, generator=gen)
         return pos, pick(args.queries_per_class) + torch.randn(k, args.queries_per_class, dim, generator=gen)
+    path = args.feature_cache and os.path.join(
+        args.feature_cache, f"{name}-{args.encoder}-{args.positives_per_class}-{args.queries_per_class}.pt")
+    if path and os.path.exists(path):
+        return torch.load(path, weights_only=True)
     out = []
     for train in (True, False):
         images, labels = load_images(name, args.data_dir, train)
@@ -299,6 +308,10 @@ def class_features(args, name):
         count = min([count] + [int((labels == c).sum()) for c in range(10)])  # the partial CIFAR-10 has ~500
         index = torch.stack([(labels == c).nonzero().squeeze(1)[:count] for c in range(10)])  # (K, count)
         out.append(encode(images[index.flatten()], args.encoder).view(10, count, -1))
+    if path:
+        os.makedirs(args.feature_cache, exist_ok=True)
+        torch.save(out, path + ".tmp")
+        os.replace(path + ".tmp", path)
     return out
 
 
@@ -310,52 +323,167 @@ def nystrom_float64_attraction(field, x):
     return ((phi @ field.S) / (phi @ field.s.unsqueeze(-1))).float()
 
 
+FIDELITY_COLUMNS = [("dataset", "{}"), ("D", "{}"), ("Np", "{}"), ("T", "{:g}"), ("strategy", "{}"), ("M", "{}"),
+                    ("exact_ms", "{:.1f}"), ("projected_ms", "{:.2f}"), ("speedup", "{:.1f}"), ("speedup_cpu", "{:.1f}"),
+                    ("attr_cos", "{:.4f}"), ("attr_rel_l2", "{:.3f}"), ("cos", "{:.4f}"), ("rel_l2", "{:.3f}"),
+                    ("target_mse", "{:.2e}"), ("cos_unfolded", "{:.4f}"), ("cos_float64", "{:.4f}")]
+
+
 def bench_fidelity(args, dev):
+    """Per class: Np real positives, Nq held-out real queries. attr_*: the attraction b_pos(x) - x, projected
+    against exact; cos, rel_l2, target_mse: the one-sided field b_pos - b_neg with the same exact repulsion
+    from the queries' batch (a harder test: near the data b_pos and b_neg almost cancel)."""
     rows = []
     for name in args.datasets.split(","):
         start = time.perf_counter()
         y_pos, x = class_features(args, name)  # (K, Np, C), (K, Nq, C)
         k, n_pos, dim = y_pos.shape
-        scale = drift.feature_scale(y_pos.reshape(-1, dim)[::7][:4000], y_pos.reshape(-1, dim)[::5][:4000])
+        flat = y_pos.reshape(-1, dim)
+        scale = drift.feature_scale(flat[::7][:4000], flat[::5][:4000])
         y_pos, x = (y_pos / scale).to(dev), (x / scale).to(dev)  # normalised units, as drift_loss uses
-        t_eff = args.fidelity_temperature * math.sqrt(dim)
         zero = torch.zeros_like(x[:, :1])
-        b_exact = drift.mean_shift_field(x, y_pos, zero, t_eff)  # exact attraction over all Np positives
-        repulsion = b_exact - drift.mean_shift_field(x, y_pos, None, t_eff)  # exact b_neg of the batch
-        v_exact = b_exact - repulsion  # the one-sided field the loss would use
         print(f"fidelity: {name}: {k} classes x {n_pos} positives, {x.shape[1]} queries each, D={dim} "
-              f"({args.encoder if name != 'synthetic' else 'synthetic'}; {time.perf_counter() - start:.0f} s to encode)")
+              f"({args.encoder if name != 'synthetic' else 'synthetic'}; {time.perf_counter() - start:.0f} s to load)")
         for strategy in args.strategies.split(","):
             for m in (int(s) for s in args.landmark_counts.split(",")):
                 if m > n_pos:
                     continue
                 gen = torch.Generator().manual_seed(0)
                 labels = torch.arange(k).repeat_interleave(n_pos)
-                u = drift.select_landmarks(y_pos.reshape(-1, dim).cpu(), m, strategy, labels, gen).to(dev)  # (K, M, C)
-                start = time.perf_counter()
-                field = drift.NystromField(u, t_eff).fit(y_pos)
-                fit_s = time.perf_counter() - start
-                unfolded = drift.NystromField(u, t_eff, folded=False)
-                unfolded.__dict__.update(s=field.s, S=field.S, folded_summaries=None)
-                times = measure({"exact": lambda: drift.mean_shift_field(x, y_pos, zero, t_eff),
-                                 "projected": lambda: field.attraction(x)}, args.repeats, dev)
-                b_proj = field.attraction(x)
-                row = {"dataset": name, "D": dim, "Np": n_pos, "strategy": strategy, "M": m, "fit_s": fit_s,
-                       "exact_ms": times["exact"][0], "projected_ms": times["projected"][0],
-                       "speedup": times["exact"][0] / times["projected"][0],
-                       "speedup_cpu": times["exact"][1] / times["projected"][1]}
-                row.update(drift.field_fidelity(b_proj - repulsion, v_exact))
-                row["cos_unfolded"] = drift.field_fidelity(unfolded.attraction(x) - repulsion, v_exact)["cos"]
-                row["cos_float64"] = drift.field_fidelity(nystrom_float64_attraction(field, x) - repulsion, v_exact)["cos"]
-                rows.append(row)
+                u = drift.select_landmarks(flat.to(dev) / scale, m, strategy, labels, gen)  # (K, M, C)
+                for t in (float(s) for s in args.fidelity_temperatures.split(",")):
+                    t_eff = t * math.sqrt(dim)
+                    b_exact = drift.mean_shift_field(x, y_pos, zero, t_eff)  # exact attraction over all positives
+                    b_neg = b_exact - drift.mean_shift_field(x, y_pos, None, t_eff)  # exact repulsion of the batch
+                    begin = time.perf_counter()
+                    field = drift.NystromField(u, t_eff).fit(y_pos)
+                    fit_s = time.perf_counter() - begin
+                    unfolded = drift.NystromField(u, t_eff, folded=False)
+                    unfolded.__dict__.update(s=field.s, S=field.S, folded_summaries=None)
+                    times = measure({"exact": lambda: drift.mean_shift_field(x, y_pos, zero, t_eff),
+                                     "projected": lambda: field.attraction(x)}, args.repeats, dev)
+                    b_proj = field.attraction(x)
+                    row = {"dataset": name, "D": dim, "Np": n_pos, "T": t, "strategy": strategy, "M": m, "fit_s": fit_s,
+                           "exact_ms": times["exact"][0], "projected_ms": times["projected"][0],
+                           "speedup": times["exact"][0] / times["projected"][0],
+                           "speedup_cpu": times["exact"][1] / times["projected"][1]}
+                    attraction = drift.field_fidelity(b_proj - x, b_exact - x)
+                    row.update(attr_cos=attraction["cos"], attr_rel_l2=attraction["rel_l2"])
+                    row.update(drift.field_fidelity(b_proj - b_neg, b_exact - b_neg))
+                    row["cos_unfolded"] = drift.field_fidelity(unfolded.attraction(x) - b_neg, b_exact - b_neg)["cos"]
+                    row["cos_float64"] = drift.field_fidelity(nystrom_float64_attraction(field, x) - b_neg,
+                                                              b_exact - b_neg)["cos"]
+                    rows.append(row)
+                    print(f"  {strategy} M={m} T={t:g}: {row['speedup']:.1f}x faster, attraction cos "
+                          f"{row['attr_cos']:.4f}, field cos {row['cos']:.4f}", flush=True)
     return rows
 
 
 # -----------------------------------------------------------------------------------------------------------
 # 4) a training step of train.py, piece by piece
 
+class Timed(torch.nn.Module):
+    """Wraps a module and adds the (synchronised) seconds of each call to a shared counter."""
+
+    def __init__(self, module, clock, name):
+        super().__init__()
+        self.module, self.clock, self.name = module, clock, name
+
+    def forward(self, *a, **k):
+        sync(self.clock["device"])
+        start = time.perf_counter()
+        out = self.module(*a, **k)
+        sync(self.clock["device"])
+        self.clock[self.name] += time.perf_counter() - start
+        return out
+
+
 def bench_step(args, dev):
-    return None  # filled in below once train.py exposes its pieces
+    """train.py's own step (train.drift_step), its generator and encoder wrapped in timers and drift.drift_loss
+    timed by a wrapper, then backward and the optimizer (clip, AdamW, EMA) timed apart; train.py's defaults."""
+    try:
+        import train
+    except ImportError as e:
+        print(f"step: skipped (train.py cannot be imported: {e})")
+        return None
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for field in ("exact", "nystrom"):
+            targs = train.parse_args(["--field", field, "--data-dir", tmp, "--feature-cache", tmp, "--device", dev.type]
+                                     + (["--dataset", "fake", "--landmarks", "16"] if args.quick
+                                        else ["--dataset", "mnist", "--download"]))
+            if not args.quick:  # torchvision extracts the .gz files next to them: a linked copy in tmp
+                raw, link = os.path.join(args.data_dir, "MNIST", "raw"), os.path.join(tmp, "MNIST", "raw")
+                if not os.path.isdir(raw):
+                    raise SystemExit(f"error: {raw} not found: pass --data-dir with the data")
+                os.makedirs(link, exist_ok=True)
+                for f in os.listdir(raw):
+                    if f.endswith(".gz") and not os.path.exists(os.path.join(link, f)):
+                        os.symlink(os.path.abspath(os.path.join(raw, f)), os.path.join(link, f))
+            images, labels = train.load_dataset(targs)
+            by_class = [(labels == k).nonzero().squeeze(1) for k in range(int(labels.max()) + 1)]
+            targs.channels, targs.image_size, targs.num_classes = images.shape[1], images.shape[-1], len(by_class)
+            targs.temperatures = tuple(targs.temperatures)
+            torch.manual_seed(0)
+            encoder = train.make_encoder(targs, targs.channels).to(dev)
+            model = train.generator_from_args(vars(targs)).to(dev)
+            ema_model = train.copy.deepcopy(model).requires_grad_(False)
+            opt = torch.optim.AdamW(model.parameters(), lr=targs.lr, betas=(0.9, 0.95), weight_decay=targs.weight_decay)
+            feats, scales, fields = None, {}, {}
+            if field == "nystrom":
+                feats = train.encode_dataset(targs, encoder, images, dev, 0)
+                scales, fields = train.build_fields(targs, feats, labels, len(by_class), dev, 0, 1)
+            clock = {"device": dev, "generator": 0.0, "encoder": 0.0, "field": 0.0}
+            loss_fn = drift.drift_loss
+
+            def timed_loss(*a, **k):
+                sync(dev)
+                start = time.perf_counter()
+                out = loss_fn(*a, **k)
+                sync(dev)
+                clock["field"] += time.perf_counter() - start
+                return out
+
+            gen_wrapped, enc_wrapped = Timed(model, clock, "generator"), Timed(encoder, clock, "encoder")
+            gen = torch.Generator().manual_seed(0)
+            totals = {"backward": [], "optimizer": [], "step": []}
+            parts = {"generator": [], "encoder": [], "field": []}
+            drift.drift_loss = timed_loss
+            try:
+                for i in range(args.step_steps + 1):  # the first step is a warm-up
+                    for k in parts:
+                        clock[k] = 0.0
+                    sync(dev)
+                    t0 = time.perf_counter()
+                    loss, _ = train.drift_step(targs, gen_wrapped, enc_wrapped, images, by_class, feats, scales,
+                                               fields, gen, dev, torch.autocast(dev.type, enabled=False))
+                    sync(dev)
+                    t1 = time.perf_counter()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    sync(dev)
+                    t2 = time.perf_counter()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), targs.grad_clip)
+                    opt.step()
+                    train.update_ema(ema_model, model, targs.ema)
+                    sync(dev)
+                    t3 = time.perf_counter()
+                    if i > 0:
+                        for k in parts:
+                            parts[k].append(1e3 * clock[k])
+                        totals["backward"].append(1e3 * (t2 - t1))
+                        totals["optimizer"].append(1e3 * (t3 - t2))
+                        totals["step"].append(1e3 * (t3 - t0))
+            finally:
+                drift.drift_loss = loss_fn
+            row = {"field": field, "dataset": targs.dataset, "encoder": targs.encoder, "model": targs.model,
+                   "batch": f"{targs.classes_per_step}x{targs.gen_per_class}",
+                   **{f"{k}_ms": float(np.median(v)) for k, v in {**parts, **totals}.items()}}
+            row["other_ms"] = row["step_ms"] - sum(row[f"{k}_ms"] for k in ("generator", "encoder", "field", "backward",
+                                                                            "optimizer"))
+            row["field_share"] = row["field_ms"] / row["step_ms"]
+            rows.append(row)
+    return rows
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -379,7 +507,8 @@ def parse_args(argv=None):
     p.add_argument("--queries-per-class", type=int, default=queries_per_class)
     p.add_argument("--landmark-counts", default=landmark_counts)
     p.add_argument("--strategies", default=strategies)
-    p.add_argument("--fidelity-temperature", type=float, default=fidelity_temperature)
+    p.add_argument("--fidelity-temperatures", default=fidelity_temperatures)
+    p.add_argument("--feature-cache", default=feature_cache)
     p.add_argument("--step-steps", type=int, default=step_steps)
     p.add_argument("--json", default=None, help="write every number to this file")
     args = p.parse_args(argv)
@@ -387,6 +516,7 @@ def parse_args(argv=None):
         args.shapes, args.temperatures, args.landmarks, args.repeats = "128x96x32", "0.05", 24, 3
         args.memory_sizes, args.datasets, args.positives_per_class = "512", "synthetic", 300
         args.queries_per_class, args.landmark_counts, args.strategies = 20, "10,40", "random,kmeans"
+        args.fidelity_temperatures = "0.05"
         args.step_steps = 1
     return args
 
@@ -421,14 +551,16 @@ def main(argv=None):
             print(out[1])
     if "fidelity" in wanted:
         results["fidelity"] = bench_fidelity(args, dev)
-        print(f"\nprojected vs exact attraction at T={args.fidelity_temperature} (fidelity of the one-sided field)")
-        print(table(results["fidelity"], [("dataset", "{}"), ("D", "{}"), ("Np", "{}"), ("strategy", "{}"),
-                                          ("M", "{}"), ("exact_ms", "{:.1f}"), ("projected_ms", "{:.2f}"),
-                                          ("speedup", "{:.1f}"), ("speedup_cpu", "{:.1f}"), ("cos", "{:.4f}"),
-                                          ("rel_l2", "{:.3f}"), ("target_mse", "{:.2e}"),
-                                          ("cos_unfolded", "{:.4f}"), ("cos_float64", "{:.4f}")]))
+        print("\nprojected vs exact attraction (attr_*: attraction b_pos - x; cos, rel_l2, target_mse: one-sided field)")
+        print(table(results["fidelity"], FIDELITY_COLUMNS))
     if "step" in wanted:
         results["step"] = bench_step(args, dev)
+        if results["step"]:
+            print("\ntrain.py step (ms, medians; field = drift.drift_loss forward, backward = through encoder and generator)")
+            print(table(results["step"], [("field", "{}"), ("dataset", "{}"), ("encoder", "{}"), ("model", "{}"),
+                                          ("batch", "{}"), ("generator_ms", "{:.1f}"), ("encoder_ms", "{:.1f}"),
+                                          ("field_ms", "{:.1f}"), ("backward_ms", "{:.1f}"), ("optimizer_ms", "{:.1f}"),
+                                          ("other_ms", "{:.1f}"), ("step_ms", "{:.1f}"), ("field_share", "{:.0%}")]))
     results["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     if args.json:
         with open(args.json, "w") as f:
