@@ -148,6 +148,7 @@ def drift_field(x, y_pos, y_neg=None, temperature=0.05, neg_weights=None, mask_s
             log_row[..., rows, :], col = _log_normalisers(e)
             log_col.append(col)  # (..., 1, M), over this chunk's rows only
             cached = e if len(chunks) == 1 else None
+            del e  # a chunk's distances are freed before the next chunk's are computed
         log_col = log_col[0] if len(chunks) == 1 else torch.stack(log_col).logsumexp(0)
         # halves of the normalisers; a fully masked column (log c = -inf) gives A = 0, not NaN
         half_row, half_col = log_row.mul_(-0.5), log_col.clamp_min_(-1e30).mul_(0.5)
@@ -165,6 +166,7 @@ def drift_field(x, y_pos, y_neg=None, temperature=0.05, neg_weights=None, mask_s
             sum_pos, sum_neg = a_pos.sum(-1, keepdim=True), a_neg.sum(-1, keepdim=True)
             a_pos.mul_(sum_neg), a_neg.mul_(sum_pos.neg_())
             v.append(a @ y)  # (..., rows, D) = [W_pos | -W_neg] @ [y_pos | y_neg], one product
+            del e, a
         return v[0] if len(v) == 1 else torch.cat(v, -2)
 
 
