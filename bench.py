@@ -37,6 +37,7 @@ threads = 0  # torch threads; 0 = torch's default
 repeats = 7  # timed runs per candidate; the median is reported
 shapes = "1000x1000x768,256x256x768,4096x4096x768"  # N x Np x D for the field micro-benchmark
 temperatures = "0.02,0.05,0.2"  # as in the loss: effective temperature T * sqrt(D) on normalised features
+queries = "data"  # data: queries drawn like the positives | far: a collapsed batch far from them
 landmarks = 500  # M, landmarks of the projected field in the micro-benchmark
 memory_sizes = "2048,4096,8192,16384"  # N = Np for the memory table (D = 768)
 memory_budget_gib = 1.0  # "the largest N that fits in this many GiB beyond the inputs and outputs"
@@ -50,6 +51,7 @@ strategies = "random,kmeans"
 fidelity_temperatures = "0.02,0.05,0.2"
 feature_cache = ""  # folder to keep encoded features between runs ("" = none)
 step_steps = 5  # train.py steps timed per field
+step_images = 6000  # training images kept for the step benchmark (a step's cost does not depend on it)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -126,6 +128,8 @@ def bench_fields(args, dev):
     for shape in args.shapes.split(","):
         n, n_pos, dim = (int(s) for s in shape.split("x"))
         x, y_pos = clustered(n, dim, gen), clustered(n_pos, dim, gen)
+        if args.queries == "far":  # early training: a collapsed batch far from the data
+            x = 0.3 * torch.randn(n, dim, generator=gen) + 8 * torch.randn(1, dim, generator=gen)
         scale = drift.feature_scale(x, torch.cat([x, y_pos]))
         x, y_pos = (x / scale).to(dev), (y_pos / scale).to(dev)  # normalised as drift_loss does
         m = min(args.landmarks, n_pos)
@@ -421,6 +425,8 @@ def bench_step(args, dev):
                     if f.endswith(".gz") and not os.path.exists(os.path.join(link, f)):
                         os.symlink(os.path.abspath(os.path.join(raw, f)), os.path.join(link, f))
             images, labels = train.load_dataset(targs)
+            keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.step_images]
+            images, labels = images[keep], labels[keep]  # a step costs the same; the one-off summaries less
             by_class = [(labels == k).nonzero().squeeze(1) for k in range(int(labels.max()) + 1)]
             targs.channels, targs.image_size, targs.num_classes = images.shape[1], images.shape[-1], len(by_class)
             targs.temperatures = tuple(targs.temperatures)
@@ -497,6 +503,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=repeats)
     p.add_argument("--shapes", default=shapes)
     p.add_argument("--temperatures", default=temperatures)
+    p.add_argument("--queries", default=queries, choices=("data", "far"))
     p.add_argument("--landmarks", type=int, default=landmarks)
     p.add_argument("--memory-sizes", default=memory_sizes)
     p.add_argument("--memory-budget-gib", type=float, default=memory_budget_gib)
@@ -510,6 +517,7 @@ def parse_args(argv=None):
     p.add_argument("--fidelity-temperatures", default=fidelity_temperatures)
     p.add_argument("--feature-cache", default=feature_cache)
     p.add_argument("--step-steps", type=int, default=step_steps)
+    p.add_argument("--step-images", type=int, default=step_images)
     p.add_argument("--json", default=None, help="write every number to this file")
     args = p.parse_args(argv)
     if args.quick:  # every size small, synthetic data: runs in seconds, needs no files
