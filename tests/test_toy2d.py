@@ -1,0 +1,121 @@
+"""toy2d.py: the targets, the quality numbers, and short runs of both fields (CPU, a few seconds)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import toy2d  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- targets and quality numbers
+
+def test_checkerboard_samples_lie_in_the_filled_squares():
+    y = toy2d.sample_target("checkerboard", 5000, torch.Generator().manual_seed(0))
+    cell = torch.floor((y + 3.0) / 1.5).long()  # (n, 2) column and row of each sample
+    assert ((cell >= 0) & (cell < 4)).all()
+    assert ((cell[:, 0] + cell[:, 1]) % 2 == 0).all()
+    counts = torch.bincount(cell[:, 1] * 4 + cell[:, 0], minlength=16)
+    assert (counts[counts > 0] > 5000 / 8 * 0.8).all() and (counts > 0).sum() == 8  # all 8 squares, evenly
+
+
+def test_targets_are_reproducible_from_the_generator():
+    for name in toy2d.DATASETS:
+        a = toy2d.sample_target(name, 100, torch.Generator().manual_seed(3))
+        b = toy2d.sample_target(name, 100, torch.Generator().manual_seed(3))
+        assert torch.equal(a, b) and a.shape == (100, 2) and a.abs().max() < toy2d.VIEW
+
+
+def test_energy_distance_analytic_values():
+    # two point masses at distance d: 2d - 0 - 0; a set against itself: 0
+    a, b = torch.zeros(3, 2), torch.tensor([[3.0, 4.0]]).repeat(5, 1)
+    assert toy2d.energy_distance(a, b) == pytest.approx(10.0, abs=1e-5)
+    y = toy2d.sample_target("swissroll", 500, torch.Generator().manual_seed(1))
+    assert abs(toy2d.energy_distance(y, y)) < 1e-5
+    # {0, 1} on a line against {0}: 2 * 1/2 - 1/2 - 0 = 1/2 (V-statistic, diagonal included)
+    assert toy2d.energy_distance(torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.zeros(1, 2)) == pytest.approx(0.5)
+
+
+def test_mode_coverage_of_the_target_and_of_a_collapsed_sampler():
+    y = toy2d.sample_target("8gaussians", 20000, torch.Generator().manual_seed(0))
+    q = toy2d.mode_coverage(y)
+    assert q["modes"] == 1.0
+    assert q["near_mode"] == pytest.approx(1 - math.exp(-4.5), abs=0.005)  # P(|N(0, I)| < 3) in 2D
+    one_mode = toy2d.mode_centres()[2] + 0.05 * torch.randn(1000, 2)
+    assert toy2d.mode_coverage(one_mode)["modes"] == 1 / 8
+
+
+# ---- training
+
+def test_same_seed_same_result_for_both_fields():
+    noise = torch.randn(64, toy2d.NOISE_DIM, generator=torch.Generator().manual_seed(5))
+    for kind in toy2d.FIELDS:
+        kwargs = dict(steps=12, seed=7, landmarks=32, batch_size=32, eval_noise=noise, record_steps={12},
+                      progress=False)
+        a = toy2d.train(kind, "swissroll", **kwargs)["records"][12]
+        b = toy2d.train(kind, "swissroll", **kwargs)["records"][12]
+        c = toy2d.train(kind, "swissroll", **{**kwargs, "seed": 8})["records"][12]
+        assert np.array_equal(a, b), kind
+        assert not np.allclose(a, c), kind
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """One short run of both fields through main(), as a user would: JSON, samples, pictures."""
+    out = tmp_path_factory.mktemp("toy2d")
+    argv = ["--steps", "150", "--batch-size", "64", "--landmarks", "64", "--seed", "1", "--json",
+            "--out", str(out / "pic"), "--save-samples", str(out / "samples.npz")]
+    return out, toy2d.main(argv)
+
+
+def test_short_run_improves_on_the_collapsed_start(short_run):
+    _, result = short_run
+    for kind in toy2d.FIELDS:
+        r = result["fields"][kind]
+        assert r["steps"] == 150 and r["seconds"] > 0
+        # the collapsed start sits ~1.4 away in energy distance; a short run covers most of the way
+        assert r["start_energy_distance"] > 1.0
+        assert r["energy_distance"] < 0.1 * r["start_energy_distance"], (kind, r)
+    assert result["baseline"]["energy_distance"] < 0.01
+
+
+def test_json_line_and_saved_samples(short_run, capsys):
+    out, result = short_run
+    data = np.load(out / "samples.npz")
+    assert {"generated", "target", "generated_exact", "generated_nystrom"} <= set(data.files)
+    assert data["generated"].shape == data["target"].shape == (toy2d.EVAL_SAMPLES, 2)
+    assert toy2d.EVAL_SAMPLES >= 4000
+    assert np.array_equal(data["generated"], data["generated_exact"])
+    # the saved arrays are the ones the printed numbers were measured on
+    assert toy2d.energy_distance(data["generated_nystrom"], data["target"]) == pytest.approx(
+        result["fields"]["nystrom"]["energy_distance"], rel=1e-4)
+    png, gif = Image.open(out / "pic.png"), Image.open(out / "pic.gif")
+    assert png.format == "PNG" and gif.format == "GIF" and gif.n_frames > 10
+
+
+def test_json_flag_prints_one_parseable_line(capsys):
+    toy2d.main(["--steps", "3", "--batch-size", "16", "--field", "exact", "--out", "", "--json"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last)
+    exact = result["fields"]["exact"]
+    assert set(result["fields"]) == {"exact"}
+    assert {"seconds", "steps", "energy_distance"} <= set(exact) and exact["steps"] == 3
+    assert "energy_distance" in result["baseline"]
+
+
+def test_bad_dataset_is_a_clear_error():
+    with pytest.raises(SystemExit) as err:
+        toy2d.main(["--dataset", "moons", "--out", ""])
+    assert "unknown --dataset 'moons'" in str(err.value.code) and "checkerboard" in str(err.value.code)
+    done = subprocess.run([sys.executable, "toy2d.py", "--dataset", "moons"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0 and "error: unknown --dataset" in done.stderr
