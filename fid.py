@@ -560,7 +560,9 @@ def main(argv=None):
             return
         if len(args.paths) != 2:
             parser.error("give two paths: SOURCE SOURCE, or --save-stats SOURCE OUT.npz, or --plot LOG...")
-        model = load_inception(args.inception, args.device)
+        sources = args.paths[:1] if args.save_stats else args.paths
+        is_stats = lambda p: p.endswith(".npz") and "mu" in _npz_keys(p)  # noqa: E731
+        model = None if all(map(is_stats, sources)) else load_inception(args.inception, args.device)
         stats = lambda p: compute_statistics_of_path(p, model, args.batch_size, args.device,  # noqa: E731
                                                      args.num_samples, args.data_dir)
         if args.save_stats:
