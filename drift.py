@@ -349,9 +349,9 @@ class NystromField:
             y = y.detach().to(u.device, torch.float64)
             self.count += y.shape[-2]
             if lab is None:
-                phi = self.features(y)  # (..., n, M)
-                self.s += phi.sum(-2)
-                self.S += phi.mT @ y
+                k = log_kernel(y, u.double(), self.temperature, self.kernel).exp_()  # (..., n, M)
+                self.s += k.sum(-2)
+                self.S += k.mT @ y
                 continue
             lab = torch.as_tensor(lab, device=u.device)
             if u.dim() < 3 or int(lab.max()) >= u.shape[-3]:
@@ -359,12 +359,14 @@ class NystromField:
                                  f"got landmarks {tuple(u.shape)}")
             for k in lab.unique().tolist():
                 y_k = y[..., lab == k, :].unsqueeze(-3)  # (..., 1, n_k, D)
-                u_k, w_k = u[..., k:k + 1, :, :].double(), self.w_inv_sqrt[..., k:k + 1, :, :]
-                phi = log_kernel(y_k, u_k, self.temperature, self.kernel).exp_() @ w_k  # (..., 1, n_k, M)
-                self.s[..., k, :] += phi.sum(-2).squeeze(-2)
-                self.S[..., k, :, :] += (phi.mT @ y_k).squeeze(-3)
+                ker = log_kernel(y_k, u[..., k:k + 1, :, :].double(), self.temperature, self.kernel).exp_()
+                self.s[..., k, :] += ker.sum(-2).squeeze(-2)  # (..., 1, n_k, M) kernel rows summed
+                self.S[..., k, :, :] += (ker.mT @ y_k).squeeze(-3)
         if self.count == 0:
             raise ValueError("fit got no positives")
+        # sum_j phi(y_j) = (W + ridge I)^(-1/2) sum_j k(U, y_j): one product at the end, O(n M D) instead of O(n M^2)
+        self.s = (self.w_inv_sqrt @ self.s.unsqueeze(-1)).squeeze(-1)
+        self.S = self.w_inv_sqrt @ self.S
         if all_reduce:
             import torch.distributed as dist
             for t in (self.s, self.S):
@@ -536,11 +538,11 @@ def feature_groups(fmaps, image, patches=(2, 4)):
 
 
 class PixelBackbone(nn.Module):
-    """No network: the image regrouped into 2x2 and 4x4 pixel blocks (space to depth), so that locations are
-    small patches and the patch statistics cover 4x4 to 16x16 pixel regions."""
+    """No network: the image regrouped into 4x4 pixel blocks (space to depth), so that a location is a small
+    patch and the patch statistics cover 8x8 and 16x16 pixel regions."""
 
     def forward(self, x):
-        return {f"x{f}": F.pixel_unshuffle(x, f) for f in (2, 4) if x.shape[-1] % f == 0 and x.shape[-2] % f == 0}
+        return {"x4": F.pixel_unshuffle(x, 4)}  # (N, 16 C, H/4, W/4)
 
 
 class ResBlock(nn.Module):
@@ -770,8 +772,11 @@ class Generator(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
-            if isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
+        # unit-scale class embeddings (not DiT's 0.02): the class must stand out in the conditioning from step one,
+        # a one-step generator gets no thousands of warm-up steps; the style tokens sum to half that scale
+        nn.init.normal_(self.class_embed.weight, std=1.0)
+        if self.style_embed is not None:
+            nn.init.normal_(self.style_embed.weight, std=0.5 / math.sqrt(style_tokens))
         for layer in [b.modulation for b in self.blocks] + [self.final_modulation, self.out]:  # adaLN-zero
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)

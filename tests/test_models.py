@@ -1,0 +1,84 @@
+"""The encoder wrapper and the generator: feature groups as documented, frozen weights, gradient flow."""
+
+import pytest
+import torch
+
+import drift
+
+
+def test_pixel_groups_are_the_documented_statistics():
+    torch.manual_seed(0)
+    image = torch.rand(3, 2, 16, 16) * 2 - 1  # (N, C, H, W)
+    groups = drift.Encoder("pixel", in_channels=2)(image)
+    fmap = torch.nn.functional.pixel_unshuffle(image, 4)  # (3, 32, 4, 4): 4x4 pixel blocks
+    assert torch.equal(groups["pixel"], image.flatten(1)[None])  # the raw input, one location
+    assert torch.allclose(groups["x4.loc"], fmap.flatten(2).permute(2, 0, 1))  # (16 locations, N, 32)
+    assert torch.allclose(groups["x4.mean"][0], fmap.mean((2, 3)), atol=1e-6)
+    std = (fmap.var((2, 3), unbiased=False) + 1e-6).sqrt()  # eps inside the sqrt
+    assert torch.allclose(groups["x4.std"][0], std, atol=1e-5)
+    # 2x2 patches of the 4x4 map: 4 locations, location 1 = rows 0-1, columns 2-3
+    assert groups["x4.mean2"].shape == (4, 3, 32)
+    assert torch.allclose(groups["x4.mean2"][1], fmap[:, :, 0:2, 2:4].mean((2, 3)), atol=1e-6)
+    assert torch.allclose(groups["x4.std2"][1], (fmap[:, :, 0:2, 2:4].var((2, 3), unbiased=False) + 1e-6).sqrt(), atol=1e-5)
+    assert groups["x4.mean4"].shape == (1, 3, 32)
+    assert torch.allclose(groups["x4.mean4"][0], groups["x4.mean"][0], atol=1e-6)  # one 4x4 patch = the whole map
+
+
+def test_std_of_constant_features_has_finite_gradient():
+    x = torch.zeros(2, 3, 8, 8, requires_grad=True)
+    mean, std = drift.patch_statistics(x, 2)
+    (mean.sum() + std.sum()).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def _mae_weights(path, channels=3):
+    net = drift.SmallResNet(channels)
+    torch.save({"encoder": net.state_dict(), "config": net.config}, path)
+    return str(path)
+
+
+def test_gradients_reach_the_generator_not_the_frozen_encoder(tmp_path):
+    torch.manual_seed(0)
+    encoder = drift.Encoder("mae", _mae_weights(tmp_path / "enc.pt"), in_channels=3)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    encoder.train()  # frozen: stays in eval mode
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    model = drift.Generator(16, 3, 4, patch_size=4, dim=32, depth=1, heads=2, style_tokens=4)
+    torch.nn.init.normal_(model.out.weight, std=0.02)  # past the zero init, so the backbone gets gradient too
+    noise, style = model.make_noise(8, torch.Generator().manual_seed(0))
+    x = model(noise, torch.arange(8) % 4, torch.ones(8), style)
+    groups = encoder(x)
+    assert set(groups) >= {"stage2.loc", "stage3.std2", "stage4.mean", "pixel"}
+    assert groups["stage3.loc"].shape == (16, 8, 128)  # stage3: stride 4 -> 4x4 locations, 128 channels
+    real = encoder(torch.rand(8, 3, 16, 16) * 2 - 1)
+    loss = sum(drift.drift_loss(g.view(g.shape[0], 2, 4, -1), real[k].view(g.shape[0], 2, 4, -1))[0] for k, g in groups.items())
+    loss.backward()
+    assert all(p.grad is None for p in encoder.parameters())
+    assert model.patch_embed.weight.grad.abs().sum() > 0 and model.blocks[0].modulation.weight.grad.abs().sum() > 0
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+
+
+def test_generator_starts_at_zero_and_unpatchifies_in_place():
+    model = drift.Generator(16, 3, 4, patch_size=4, dim=32, depth=2, heads=2)
+    noise, style = model.make_noise(5, torch.Generator().manual_seed(1))
+    assert torch.equal(model(noise, torch.arange(5) % 4, torch.ones(5), style), torch.zeros(5, 3, 16, 16))  # adaLN-zero
+    # an output layer that copies token features to pixels: patch (row 1, col 2), channel 1, pixel (3, 0)
+    with torch.no_grad():
+        model.out.weight.zero_()
+        model.out.bias.zero_()
+        model.out.bias[(3 * 4 + 0) * 3 + 1] = 1.0  # output vector ordered (p, p, C)
+    x = model(noise, torch.arange(5) % 4, torch.ones(5), style)
+    hot = (x[0] != 0).nonzero().tolist()
+    assert len(hot) == 16 and [1, 4 * 1 + 3, 4 * 2 + 0] in hot  # one pixel per patch, at the right place
+
+
+def test_bad_encoder_names_and_weights_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="unknown encoder 'vgg'.*pixel"):
+        drift.Encoder("vgg")
+    with pytest.raises(ValueError, match="--stage encoder"):
+        drift.Encoder("mae")
+    with pytest.raises(ValueError, match="does not exist"):
+        drift.Encoder("resnet18", str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="takes 3 channels"):
+        drift.Encoder("mae", _mae_weights(tmp_path / "enc.pt", 3), in_channels=1)

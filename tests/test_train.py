@@ -1,0 +1,121 @@
+"""train.py and sample.py end to end on tiny fake data (torchvision FakeData, 3x16x16, 4 classes), on the CPU."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset", "fake", "--fake-size", "128", "--classes-per-step", "4", "--gen-per-class", "8",
+        "--pos-per-class", "8", "--unc-per-class", "4", "--landmarks", "8", "--log-every", "1", "--sample-every", "0",
+        "--model", "tiny", "--lr", "3e-3", "--warmup", "1", "--temperatures", "0.05", "0.2"]
+
+
+def run(tmp_path, name, *extra):
+    out = tmp_path / name
+    result = train.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out-dir", str(out), *extra])
+    return result, out
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+@pytest.mark.parametrize("field", ["nystrom", "exact"])
+def test_training_moves_off_the_zero_start_towards_the_data(tmp_path, field):
+    result, out = run(tmp_path, field, "--field", field, "--max-steps", "30", "--ckpt-every", "0", "--ema", "0.8")
+    log = read_log(out)
+    assert log[0]["event"] == "config" and log[0]["args"]["field"] == field and log[0]["args"]["dataset"] == "fake"
+    norms = [r["drift_norm"] for r in log if "drift_norm" in r]
+    assert len(norms) == 30 and all(np.isfinite(norms))
+    assert {"loss", "train_seconds", "steps_per_sec", "images_per_sec", "peak_mem_gb"} <= set(log[-1])
+    if field == "nystrom":  # one-sided attraction to all the data: the raw norm falls as samples reach it
+        assert np.mean(norms[-5:]) < 0.5 * np.mean(norms[:3]), norms
+    else:  # Algorithm 2 at the identical start: A_pos ~ 0 next to the zero-distance negatives, so the raw norm
+        assert np.mean(norms[:3]) < np.mean(norms[-5:]), norms  # starts tiny and grows as the samples spread
+    images = sample.generate_images(result["ema"], {}, 40, device="cpu").astype(float)  # class i % 4
+    assert images.reshape(40, -1).std(0).mean() > 1  # no longer identical
+    colour = images.mean((1, 2))  # (40, 3); fake class k: a red, green, blue or white blob
+    for k in range(3):
+        assert colour[k::4, k].mean() > 1.5 * np.delete(colour[k::4], k, axis=1).mean(), colour[k::4].mean(0)
+    assert os.path.exists(out / "samples" / "step000030.png") and os.path.exists(out / "ckpt.pt")
+
+
+def test_resume_continues_exactly(tmp_path):
+    whole, _ = run(tmp_path, "whole", "--max-steps", "6", "--ckpt-every", "3")
+    run(tmp_path, "killed", "--max-steps", "3", "--ckpt-every", "3")  # stops (as if killed) after its checkpoint
+    resumed, out = run(tmp_path, "killed", "--max-steps", "6", "--ckpt-every", "3", "--resume")
+    for a, b in zip(whole["model"].state_dict().values(), resumed["model"].state_dict().values()):
+        assert torch.equal(a, b)
+    steps = [r["step"] for r in read_log(out) if "drift_norm" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_tampered_or_truncated_checkpoints_are_refused(tmp_path):
+    _, out = run(tmp_path, "run", "--max-steps", "2", "--ckpt-every", "2")
+    path = str(out / "ckpt.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["ema"]["out.bias"] = ckpt["ema"]["out.bias"] + 1e-3  # a changed weight, digest left as it was
+    torch.save(ckpt, str(tmp_path / "tampered.pt"))
+    with pytest.raises(SystemExit, match="integrity check"):
+        train.load_checkpoint(str(tmp_path / "tampered.pt"))
+    data = open(path, "rb").read()
+    open(tmp_path / "truncated.pt", "wb").write(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match="truncated or corrupt"):
+        sample.load_generator(str(tmp_path / "truncated.pt"))
+
+
+def test_sample_py_writes_what_it_promises_and_reproduces_the_training_grid(tmp_path):
+    _, out = run(tmp_path, "run", "--max-steps", "3", "--ckpt-every", "3")
+    grid, npz, pngs = tmp_path / "grid.png", tmp_path / "s.npz", tmp_path / "pngs"
+    cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(out / "ckpt.pt"), "--num-samples", "32",
+           "--batch-size", "7", "--classes", "0", "1", "2", "3", "--grid", str(grid), "--npz", str(npz),
+           "--png-dir", str(pngs)]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    arr = np.load(npz)["arr_0"]
+    assert arr.shape == (32, 16, 16, 3) and arr.dtype == np.uint8
+    assert len(os.listdir(pngs)) == 32 and np.array_equal(np.asarray(Image.open(pngs / "000005.png")), arr[5])
+    # batch size 7 here, 256 in training: the same images, because sample i's noise is seeded by i
+    assert np.array_equal(np.asarray(Image.open(grid)), np.asarray(Image.open(out / "samples" / "step000003.png")))
+
+
+def test_missing_dataset_is_one_clear_message(tmp_path):
+    with pytest.raises(SystemExit, match=r"error: could not load mnist .*--download"):
+        train.main(["--dataset", "mnist", "--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown dataset"):
+        train.main(["--dataset", "imagenet", "--data-dir", str(tmp_path)])
+
+
+def test_mae_encoder_stage_then_drifting_with_it(tmp_path):
+    path = train.main(TINY + ["--stage", "encoder", "--encoder-steps", "3", "--encoder-batch", "8",
+                              "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "mae")])
+    _, out = run(tmp_path, "run", "--encoder", "mae", "--encoder-weights", path, "--max-steps", "2", "--field", "exact")
+    assert read_log(out)[-1]["step"] == 2
+
+
+def test_two_gloo_processes_give_the_single_process_summaries(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = TINY + ["--max-steps", "2", "--save-fields", "--data-dir", str(tmp_path / "data"), "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", os.path.join(ROOT, "train.py"), *args, "--out-dir", str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    train.main(args + ["--out-dir", str(tmp_path / "single")])
+    two, one = (torch.load(tmp_path / d / "fields.pt", weights_only=True) for d in ("ddp", "single"))
+    assert two.keys() == one.keys()
+    for g in one:
+        for a, b in zip(two[g]["S"] + two[g]["s"], one[g]["S"] + one[g]["s"]):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert read_log(tmp_path / "ddp")[-1]["step"] == 2
