@@ -3,6 +3,7 @@ weight formats, and the FID-vs-time plot. CPU, offline; the Inception network is
 the maths is what is tested, and randomly initialised where the loaders are."""
 
 import json
+import os
 import sys
 import types
 import urllib.error
@@ -307,6 +308,17 @@ def test_state_dict_and_torchscript_weights_give_the_same_features(tmp_path):
     torch.testing.assert_close(from_pth, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(from_traced, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(from_stylegan, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not os.environ.get("FID_INCEPTION_TORCHSCRIPT"),
+                    reason="set FID_INCEPTION_TORCHSCRIPT to an inception-2015-12-05 TorchScript file to check it")
+def test_a_real_torchscript_network_matches_its_conversion():
+    path = os.environ["FID_INCEPTION_TORCHSCRIPT"]
+    native = torch.jit.load(path).eval()
+    layers = native.layers if hasattr(native, "layers") else native.net.layers  # StyleGAN's file, or a wrapped one
+    x = fid.preprocess(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8))
+    with torch.no_grad():
+        torch.testing.assert_close(fid.load_inception(path)(x), layers(x).flatten(1), atol=1e-4, rtol=1e-4)
 
 
 def test_wrong_networks_and_offline_without_weights_are_refused(tmp_path, monkeypatch):
