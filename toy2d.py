@@ -377,9 +377,21 @@ def render_png(path, runs, target, dataset, snapshot_steps, baseline, field_colu
     img.quantize(colors=192, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
 
 
+def blend_palette(colours, levels=12):
+    """A GIF palette: the background blended towards each colour in `levels` steps (shared by all frames, so
+    the colours do not flicker and the file stays small)."""
+    rows = [BACKGROUND * (1 - a) + np.asarray(c, dtype=np.float64) * a
+            for c in colours for a in np.linspace(1 / levels, 1, levels)]
+    rows = np.concatenate([BACKGROUND[None], np.round(rows)]).astype(np.uint8)  # (1 + colours x levels, 3)
+    palette = Image.new("P", (1, 1))
+    palette.putpalette(rows.reshape(-1).tolist())
+    return palette
+
+
 def render_gif(path, runs, target, frame_steps, size=200):
     """The evolution: the fields side by side, one frame per recorded step, the last frame held."""
     gap, top = 6, 26
+    palette = blend_palette([GHOST, INK, FRAME] + [COLOURS[kind] for kind in runs])
     frames = []
     for step in frame_steps:
         img = Image.new("RGB", (len(runs) * (size + gap) - gap, top + size), tuple(int(c) for c in BACKGROUND))
@@ -387,7 +399,7 @@ def render_gif(path, runs, target, frame_steps, size=200):
         for c, (kind, run) in enumerate(runs.items()):
             img.paste(panel(size, generated_layers(target, run["records"][step], kind), kind), (c * (size + gap), top))
         draw.text((4, 5), f"drifting, step {step}", fill=INK, font=font(14))
-        frames.append(img.quantize(colors=16, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE))
+        frames.append(img.quantize(palette=palette, dither=Image.Dither.NONE))
     durations = [90] * (len(frames) - 1) + [2500]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=True)
