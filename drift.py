@@ -152,9 +152,8 @@ def drift_field(x, y_pos, y_neg=None, temperature=0.05, neg_weights=None, mask_s
         log_col = log_col[0] if len(chunks) == 1 else torch.stack(log_col).logsumexp(0)
         # halves of the normalisers; a fully masked column (log c = -inf) gives A = 0, not NaN
         half_row, half_col = log_row.mul_(-0.5), log_col.clamp_min_(-1e30).mul_(0.5)
-        v = []
-        for rows in chunks:
-            e = cached if cached is not None else energy(rows)
+
+        def field_rows(e, rows):  # V for one chunk of queries; its (rows, M) matrix dies on return
             # 3. A = sqrt(softmax_rows * softmax_cols) = exp(-E_ij - log r_i / 2 - log c_j / 2), in place
             a = torch.sub(half_row[..., rows, :], e, out=e).sub_(half_col).clamp_min_(EXP_FLOOR).exp_()
             a_pos, a_neg = a[..., :n_pos], a[..., n_pos:]  # (..., rows, Np), (..., rows, Nn)
@@ -165,9 +164,11 @@ def drift_field(x, y_pos, y_neg=None, temperature=0.05, neg_weights=None, mask_s
             # 4. W_pos = A_pos * rowsum(A_neg), W_neg = A_neg * rowsum(A_pos); V = W_pos y_pos - W_neg y_neg
             sum_pos, sum_neg = a_pos.sum(-1, keepdim=True), a_neg.sum(-1, keepdim=True)
             a_pos.mul_(sum_neg), a_neg.mul_(sum_pos.neg_())
-            v.append(a @ y)  # (..., rows, D) = [W_pos | -W_neg] @ [y_pos | y_neg], one product
-            del e, a
-        return v[0] if len(v) == 1 else torch.cat(v, -2)
+            return a @ y  # (..., rows, D) = [W_pos | -W_neg] @ [y_pos | y_neg], one product
+
+        if cached is not None:
+            return field_rows(cached, chunks[0])
+        return torch.cat([field_rows(energy(rows), rows) for rows in chunks], -2)
 
 
 def _barycentre(log_k, y, weights=None):
