@@ -165,9 +165,17 @@ def bench_fields(args, dev):
                       "exact attraction": "attraction floor", "projected attraction": "proj. attraction floor"}
             for name, floor in floors.items():
                 (wall, cpu), (floor_wall, floor_cpu) = times[name], times[floor]
+                peak = None
+                if dev.type == "cuda":  # CPU peaks need a fresh process each: see the memory section
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                    candidates[name]()
+                    torch.cuda.synchronize()
+                    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
                 rows.append({"shape": shape, "M": m if "projected" in name else None, "T": t, "field": name,
                              "ms": wall, "gflops": flops[name] / wall / 1e6, "floor_ms": floor_wall,
-                             "x_floor": wall / floor_wall, "x_floor_cpu": cpu / floor_cpu,
+                             "x_floor": wall / floor_wall, "x_floor_cpu": cpu / floor_cpu, "peak_mib": peak,
                              "vs_exact": times["exact"][0] / wall if name in ("exact", "one-sided", "projected")
                              else times["exact attraction"][0] / wall})
             if n * (n + n_pos) <= 4096 * 8192:  # the float64 reference needs a few (N, N+Np) matrices
@@ -553,7 +561,7 @@ def main(argv=None):
         print("\nfields (ms: median wall time; x floor: time / time of the same-shape matrix products, same run)")
         print(table(results["fields"], [("shape", "{}"), ("T", "{:g}"), ("field", "{}"), ("M", "{}"), ("ms", "{:.1f}"),
                                         ("gflops", "{:.0f}"), ("floor_ms", "{:.1f}"), ("x_floor", "{:.2f}"),
-                                        ("x_floor_cpu", "{:.2f}"), ("vs_exact", "{:.2f}"),
+                                        ("x_floor_cpu", "{:.2f}"), ("vs_exact", "{:.2f}"), ("peak_mib", "{:.0f}"),
                                         ("err_vs_float64", "{:.1e}"), ("naive_float32_err", "{:.1e}")]))
     if "memory" in wanted:
         out = bench_memory(args, dev)
