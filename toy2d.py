@@ -2,8 +2,9 @@
 Drifting in 2D: watch a one-step generator find every part of a toy distribution, on a laptop CPU.
 
 An MLP maps noise to points in the plane. It starts collapsed (its last layer is tiny, so the samples sit
-within ~0.05 of the origin, in a target ~6 wide) and is trained by drifting [1]: each step moves the generated batch x along a field V
-that attracts it to the target and repels it from itself, through the loss MSE(x, stopgrad(x + V)).
+within ~0.05 of the origin, in a target ~6 wide) and is trained by drifting [1]: each step moves the generated
+batch x along a field V that attracts it to the target and repels it from itself, through the loss
+MSE(x, stopgrad(x + V)).
 Two fields, side by side:
   exact    Algorithm 2 of [1] against a fresh minibatch of target samples (the positives) and the batch itself
            (the negatives, each sample's own column masked).
@@ -124,8 +125,8 @@ def quality(x, reference, dataset):
 
 class MLP(nn.Module):
     """noise (B, noise_dim) -> points (B, 2), starting collapsed: the last layer is tiny, so all samples begin
-    near the origin. (Exactly zero works too, but Adam then moves both output coordinates alike and the samples
-    spend hundreds of steps on a line before they open up.)"""
+    near the origin. (With a last layer of exactly zero, or 1e-3 of this, Adam's first steps move both output
+    coordinates alike, and on the checkerboard the samples then spend hundreds of steps on a line.)"""
 
     def __init__(self, noise_dim=NOISE_DIM, width=WIDTH, init_spread=INIT_SPREAD):
         super().__init__()
@@ -172,7 +173,7 @@ class Field:
         v = torch.zeros_like(q)  # (Q, 2)
         for i, t in enumerate(self.temperatures):
             if self.kind == "exact":
-                v_t = drift.drift_field(batch, y_pos / self.scale, None, t * math.sqrt(2))[len(y_neg):]
+                v_t = drift.drift_field(batch, y_pos / self.scale, None, t * math.sqrt(2))[len(y_neg):]  # T sqrt(C)
             else:
                 v_t = self.nystrom[i](q, y_neg, mask_self=False)
             v += v_t / v_t.square().mean().sqrt().clamp_min(1e-12)
@@ -215,7 +216,7 @@ def train(kind, dataset=DATASET, steps=STEPS, seed=SEED, landmarks=LANDMARKS, ba
         for group in opt.param_groups:
             group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))  # cosine decay
         x = model(torch.randn(batch_size, model.noise_dim, generator=g))  # (N, 2)
-        loss, stats = field.loss(x)  # = ||V||^2 per element; its gradient moves x along V
+        loss, stats = field.loss(x)  # value mean(V^2), a near constant; its gradient moves x along V
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -424,9 +425,11 @@ def main(argv=None):
     p.add_argument("--dataset", default=DATASET, help=f"target: {', '.join(DATASETS)} (default {DATASET})")
     p.add_argument("--field", default=FIELD, choices=(*FIELDS, "both"), help="field(s) to train with")
     p.add_argument("--steps", type=int, default=STEPS, help="optimiser steps per field")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="generated samples (and exact positives) per step")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help="generated samples (and exact-field positives) per step")
     p.add_argument("--landmarks", type=int, default=LANDMARKS, help="Nystrom landmarks")
-    p.add_argument("--fit-samples", type=int, default=FIT_SAMPLES, help="target samples the Nystrom field is fitted on")
+    p.add_argument("--fit-samples", type=int, default=FIT_SAMPLES,
+                   help="target samples the Nystrom field is fitted on")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads")
     p.add_argument("--out", default=OUT, help="writes OUT.png and OUT.gif; '' writes no pictures")
@@ -437,8 +440,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.dataset not in DATASETS:
         raise SystemExit(f"error: unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
-    if args.steps < 1 or args.batch_size < 2 or args.landmarks < 1:
-        raise SystemExit("error: --steps and --landmarks must be >= 1 and --batch-size >= 2")
+    if min(args.steps, args.landmarks, args.threads) < 1 or args.batch_size < 2:
+        raise SystemExit("error: --steps, --landmarks and --threads must be >= 1 and --batch-size >= 2")
     if args.landmarks > args.fit_samples:
         raise SystemExit(f"error: --landmarks {args.landmarks} is more than the {args.fit_samples} target samples "
                          "they are chosen from (--fit-samples)")
@@ -452,6 +455,7 @@ def main(argv=None):
 
 
 def run(args, fields):
+    """Train each field, print its numbers, draw the pictures, save the samples; returns the JSON dict."""
     start = time.perf_counter()
     eval_noise = torch.randn(EVAL_SAMPLES, NOISE_DIM, generator=torch.Generator().manual_seed(args.seed + 1))
     g = torch.Generator().manual_seed(args.seed + 2)
@@ -462,18 +466,19 @@ def run(args, fields):
     frame_steps = sorted({int(round(args.steps * (k / (FRAMES - 1)) ** 2)) for k in range(FRAMES)})
     runs = {}
     for kind in fields:
-        run_ = train(kind, args.dataset, args.steps, args.seed, args.landmarks, args.batch_size,
+        r = train(kind, args.dataset, args.steps, args.seed, args.landmarks, args.batch_size,
                      fit_samples=args.fit_samples, eval_noise=eval_noise,
                      record_steps=set(snapshot_steps) | set(frame_steps))
-        run_["quality"] = quality(run_["records"][args.steps], target, args.dataset)
+        r["quality"] = quality(r["records"][args.steps], target, args.dataset)
         first = next(iter(runs.values()), None)  # same seed, same init: both fields start from the same samples
-        same_start = first is not None and np.array_equal(first["records"][0], run_["records"][0])
-        run_["start_quality"] = first["start_quality"] if same_start else quality(run_["records"][0], target, args.dataset)
-        runs[kind] = run_
-        q = run_["quality"]
-        line = (f"{kind:>7} | {run_['seconds']:5.1f} s | {args.steps} steps | energy distance "
+        same_start = first is not None and np.array_equal(first["records"][0], r["records"][0])
+        r["start_quality"] = (first["start_quality"] if same_start
+                                 else quality(r["records"][0], target, args.dataset))
+        runs[kind] = r
+        q = r["quality"]
+        line = (f"{kind:>7} | {r['seconds']:5.1f} s | {args.steps} steps | energy distance "
                 f"{q['energy_distance']:.4f} (target vs target {baseline['energy_distance']:.4f}, "
-                f"collapsed start {run_['start_quality']['energy_distance']:.3f})")
+                f"collapsed start {r['start_quality']['energy_distance']:.3f})")
         if "modes" in q:
             line += (f" | modes {round(8 * q['modes'])}/8 | near a mode {100 * q['near_mode']:.1f}% "
                      f"(target {100 * baseline['near_mode']:.1f}%)")
@@ -485,7 +490,7 @@ def run(args, fields):
         pictures = [args.out + ".png", args.out + ".gif"]
         print(f"wrote {' and '.join(pictures)}")
     if args.save_samples:
-        arrays = {f"generated_{kind}": run_["records"][args.steps] for kind, run_ in runs.items()}
+        arrays = {f"generated_{kind}": r["records"][args.steps] for kind, r in runs.items()}
         arrays["generated"] = arrays[f"generated_{fields[0]}"]
         arrays["target"] = target.numpy()
         os.makedirs(os.path.dirname(os.path.abspath(args.save_samples)), exist_ok=True)
