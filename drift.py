@@ -463,49 +463,61 @@ def build_nystrom_fields(y, landmarks, temperatures, scale, labels=None, ridge=1
             for t in temperatures]
 
 
+def normalised_drift(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field="exact", nystrom=None,
+                     neg_weights=None, mask_self=None, classes=None):
+    """
+    The summed drift of [1] A.6 in normalised units (x, y_pos, y_neg already divided by the scale S):
+    V = sum_T V_T / rms(V_T), with V_T the field at temperature T * sqrt(C) and rms = sqrt(E||V_T||^2 / C) over
+    the batch. field="exact": Algorithm 2 against y_pos. field="nystrom": `nystrom` is a list of NystromField,
+    one per temperature (build_nystrom_fields). Returns (V [..., N, C], raw RMS per temperature [len(T)]).
+    """
+    if field not in ("exact", "nystrom"):
+        raise ValueError(f"unknown field {field!r}; choose exact or nystrom")
+    if field == "exact" and y_pos is None:
+        raise ValueError("field='exact' needs the positives y_pos")
+    if field == "nystrom" and (nystrom is None or len(nystrom) != len(temperatures)):
+        raise ValueError("field='nystrom' needs one fitted NystromField per temperature (build_nystrom_fields)")
+    c = x.shape[-1]
+    v_total, raw_norms = torch.zeros_like(_fp32(x)), []
+    for i, t in enumerate(temperatures):
+        t_eff = t * math.sqrt(c)
+        if field == "exact":
+            v = drift_field(x, y_pos, y_neg, t_eff, neg_weights, mask_self)
+        else:
+            if not math.isclose(nystrom[i].temperature, t_eff, rel_tol=1e-5):
+                raise ValueError(f"NystromField {i} has temperature {nystrom[i].temperature:g}, expected "
+                                 f"{t_eff:g} (= {t} * sqrt({c})): build it with build_nystrom_fields")
+            v = nystrom[i](x, y_neg, classes, neg_weights, mask_self)
+        rms = v.square().mean().sqrt()  # sqrt(E ||V||^2 / C) over the batch
+        raw_norms.append(rms)
+        v_total += v / rms.clamp_min(1e-12)
+    return v_total, torch.stack(raw_norms)
+
+
 def drift_loss(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field="exact", nystrom=None,
                neg_weights=None, mask_self=None, scale=None, classes=None):
     """
     The drifting loss of [1] with the normalisations of A.6, for generated features x [..., N, C] (with grad):
     1. S = feature_scale (stop-grad), shared by the leading dims; features become x/S.
-    2. per temperature T: V_T = field at temperature T * sqrt(C), divided by its batch RMS sqrt(E||V_T||^2 / C).
-    3. V = sum_T V_T; loss = MSE(x/S, stopgrad(x/S + V)), whose gradient w.r.t. x/S is -2V / numel.
-    field="exact": Algorithm 2 against y_pos. field="nystrom": `nystrom` is a list of NystromField, one per
-    temperature, fitted in normalised units (build_nystrom_fields), and `scale` is the scale they were built
-    with (the projected summaries are fixed, so the scale must be too). Returns (loss, stats).
+    2. V = normalised_drift(x/S, ...): per temperature the field at T * sqrt(C), divided by its batch RMS, summed.
+    3. loss = MSE(x/S, stopgrad(x/S + V)), whose gradient w.r.t. x/S is -2V / numel.
+    field="nystrom" needs `scale`: the one the NystromFields were built with (their summaries are fixed, so
+    the scale must be too); field="exact" computes it from the batch when not given. Returns (loss, stats).
     """
-    if field not in ("exact", "nystrom"):
-        raise ValueError(f"unknown field {field!r}; choose exact or nystrom")
-    c = x.shape[-1]
-    if field == "exact":
-        if y_pos is None:
-            raise ValueError("field='exact' needs the positives y_pos")
-        if scale is None:  # mean distance from the queries to every column the kernel sees
-            negatives = x if y_neg is None else y_neg
-            w = None if neg_weights is None else torch.cat([neg_weights, neg_weights.new_ones(y_pos.shape[:-1])], -1)
-            scale = feature_scale(x, torch.cat([negatives, y_pos], -2), w, mask_self=y_neg is None or bool(mask_self))
-    else:
-        if nystrom is None or scale is None or len(nystrom) != len(temperatures):
-            raise ValueError("field='nystrom' needs one fitted NystromField per temperature and their scale")
+    if scale is None:
+        if field != "exact" or y_pos is None:
+            raise ValueError("drift_loss needs `scale` for field='nystrom', and y_pos for field='exact'")
+        negatives = x if y_neg is None else y_neg  # mean distance from the queries to every column the kernel sees
+        w = None if neg_weights is None else torch.cat([neg_weights, neg_weights.new_ones(y_pos.shape[:-1])], -1)
+        scale = feature_scale(x, torch.cat([negatives, y_pos], -2), w, mask_self=y_neg is None or bool(mask_self))
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
     x_n = x.float() / scale  # (..., N, C), carries the gradient
     y_pos_n = None if y_pos is None else y_pos.detach().float() / scale
     y_neg_n = None if y_neg is None else y_neg.detach().float() / scale
-    v_total, raw_norms = torch.zeros_like(x_n), []
-    for i, t in enumerate(temperatures):
-        t_eff = t * math.sqrt(c)
-        if field == "exact":
-            v = drift_field(x_n, y_pos_n, y_neg_n, t_eff, neg_weights, mask_self)
-        else:
-            if not math.isclose(nystrom[i].temperature, t_eff, rel_tol=1e-5):
-                raise ValueError(f"NystromField {i} has temperature {nystrom[i].temperature:g}, expected "
-                                 f"{t_eff:g} (= {t} * sqrt({c})): build it with build_nystrom_fields")
-            v = nystrom[i](x_n, y_neg_n, classes, neg_weights, mask_self)
-        rms = v.square().mean().sqrt()  # sqrt(E ||V||^2 / C) over the batch
-        raw_norms.append(rms)
-        v_total += v / rms.clamp_min(1e-12)
-    loss = F.mse_loss(x_n, (x_n + v_total).detach())
-    return loss, {"drift_norm": torch.stack(raw_norms).mean(), "scale": scale}
+    v, raw_norms = normalised_drift(x_n, y_pos_n, y_neg_n, temperatures, field, nystrom, neg_weights, mask_self,
+                                    classes)
+    loss = F.mse_loss(x_n, (x_n + v).detach())
+    return loss, {"drift_norm": raw_norms.mean(), "scale": scale}
 
 
 # ----------------------------------------------------------------------------------------------------------

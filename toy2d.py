@@ -165,18 +165,14 @@ class Field:
 
     def vectors(self, queries, y_neg, y_pos):
         """The drift at arbitrary points queries [Q, 2] given negatives y_neg (generated) and, for the exact
-        field, positives y_pos: per temperature the field divided by its RMS over the queries, summed as in
-        training. Data units; only directions and relative lengths are meaningful."""
+        field, positives y_pos: drift.normalised_drift, summed over temperatures as in training. Data units;
+        only directions and relative lengths are meaningful."""
         q, y_neg = queries / self.scale, y_neg / self.scale
         if self.kind == "exact":  # Algorithm 2 normalises over the queries too: let the grid join the batch
             batch = torch.cat([y_neg, q])  # (N + Q, 2), queries and negatives, self masked
-        v = torch.zeros_like(q)  # (Q, 2)
-        for i, t in enumerate(self.temperatures):
-            if self.kind == "exact":
-                v_t = drift.drift_field(batch, y_pos / self.scale, None, t * math.sqrt(2))[len(y_neg):]  # T sqrt(C)
-            else:
-                v_t = self.nystrom[i](q, y_neg, mask_self=False)
-            v += v_t / v_t.square().mean().sqrt().clamp_min(1e-12)
+            v = drift.normalised_drift(batch, y_pos / self.scale, None, self.temperatures)[0][len(y_neg):]
+        else:
+            v = drift.normalised_drift(q, None, y_neg, self.temperatures, "nystrom", self.nystrom, mask_self=False)[0]
         return v * self.scale
 
 
