@@ -401,8 +401,10 @@ class NystromField:
             # can approach 0 or go negative where landmarks are sparse. There the ratio means nothing, so we
             # fall back to the kernel barycentre of the landmarks themselves: bounded, and pointing to data.
             ok = den > self.min_density
-            fallback = (k @ u) / k.sum(-1, keepdim=True)
-            return torch.where(ok, num / torch.where(ok, den, 1.0), fallback)
+            b_pos = num / torch.where(ok, den, 1.0)
+            if not ok.all():  # the fallback costs a third product: only pay for it when a row needs it
+                b_pos = torch.where(ok, b_pos, (k @ u) / k.sum(-1, keepdim=True))
+            return b_pos
 
     def __call__(self, x, y_neg=None, classes=None, neg_weights=None, mask_self=None, projected_repulsion=False):
         """The projected field V(x) = b_pos(x) - b_neg(x); y_neg=None means the queries repel each other."""

@@ -317,3 +317,15 @@ def test_nystrom_loss_matches_exact_one_sided_loss_with_full_landmarks():
     assert math.isclose(loss.item(), v.square().mean().item(), rel_tol=1e-3)
     with pytest.raises(ValueError, match="temperature"):
         drift_loss(x, temperatures=(0.02, 0.2), field="nystrom", nystrom=fields, scale=scale, classes=classes)
+
+
+def test_nystrom_falls_back_to_landmark_barycentre_where_projected_density_vanishes():
+    g = gen(19)
+    y_pos = torch.randn(200, 4, generator=g)
+    field = NystromField(y_pos[:30], 0.5).fit(y_pos)
+    x = torch.randn(10, 4, generator=g)
+    field.min_density = math.inf  # every row fails the guard: the result is the landmarks' own barycentre
+    assert close(field.attraction(x), barycentre_float64(x, y_pos[:30], 0.5))
+    field.min_density = -math.inf  # no row fails: the plain ratio phi^T S / phi^T s
+    phi = field.features(x.double(), shift=True)
+    assert close(field.attraction(x), (phi @ field.S) / (phi @ field.s)[:, None], rel=1e-4)
