@@ -243,8 +243,7 @@ def build_fields(args, feats, labels, num_classes, device, rank, world):
     for g, y in feats.items():  # y (L, n, C)
         per_class = [(labels == k).nonzero().squeeze(1)[:128] for k in range(min(num_classes, 10))]
         scales[g] = torch.stack([drift.feature_scale(y[:, i].float()) for i in per_class if len(i) > 1]).mean()
-        if y.shape[0] == 1:  # global groups, each at mean distance about 1, pick the landmarks
-            pooled.append(y[0].float() / (scales[g] * math.sqrt(y.shape[-1])))
+        pooled.append(y.float().mean(0) / (scales[g] * math.sqrt(y.shape[-1])))  # (n, C) location-pooled, scaled
     gen = torch.Generator().manual_seed(args.seed)
     try:
         _, index = drift.select_landmarks(torch.cat(pooled, -1), args.landmarks, args.landmark_strategy, labels, gen,
@@ -351,12 +350,13 @@ def train(args):
         model.load_state_dict(ckpt["model"])
         ema_model.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
+        if len(ckpt["rng"]) != world:
+            raise SystemExit(f"error: the checkpoint was written by {len(ckpt['rng'])} processes; resume it with as many")
         gen.set_state(ckpt["rng"][rank])
         step, train_seconds = ckpt["step"], ckpt["train_seconds"]
     feats, scales, fields = None, {}, {}
     if args.field == "nystrom":  # the exact field encodes its real images every step instead
         feats = chosen(encode_dataset(args, encoder, images, device, rank), args)
-    if args.field == "nystrom":
         scales, fields = build_fields(args, feats, labels, len(by_class), device, rank, world)
         if args.save_fields and rank == 0:
             torch.save({g: {"scale": scales[g].cpu(), "s": [f.s.cpu() for f in fs], "S": [f.S.cpu() for f in fs]}
@@ -371,7 +371,7 @@ def train(args):
     if rank == 0:
         lines = []
         if ckpt is not None and os.path.exists(log_path):
-            lines = [l for l in open(log_path) if json.loads(l).get("step", 0) <= step]
+            lines = [l for l in open(log_path) if l.endswith("}\n") and json.loads(l).get("step", 0) <= step]
         lines.append(json.dumps({"event": "config" if ckpt is None else "resume", "step": step, "args": vars(args)}) + "\n")
         with open(log_path, "w") as f:
             f.writelines(lines)
@@ -424,6 +424,10 @@ def train(args):
         sums = [sums[0] + loss.item(), sums[1] + drift_norm.item(), sums[2] + seconds, sums[3] + 1]
         train_seconds += seconds
         out_of_time = args.time_limit > 0 and train_seconds > 60 * args.time_limit
+        if world > 1 and args.time_limit > 0:  # rank 0's clock decides, so that all ranks stop at the same step
+            flag = torch.tensor([float(out_of_time)], device=device)
+            dist.broadcast(flag, 0)
+            out_of_time = bool(flag.item())
         if step % args.log_every == 0 or step == args.max_steps or out_of_time:
             rate = sums[3] / sums[2]
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else \
