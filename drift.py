@@ -510,8 +510,11 @@ def drift_loss(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field=
         if field != "exact" or y_pos is None:
             raise ValueError("drift_loss needs `scale` for field='nystrom', and y_pos for field='exact'")
         negatives = x if y_neg is None else y_neg  # mean distance from the queries to every column the kernel sees
-        w = None if neg_weights is None else torch.cat([neg_weights, neg_weights.new_ones(y_pos.shape[:-1])], -1)
-        scale = feature_scale(x, torch.cat([negatives, y_pos], -2), w, mask_self=y_neg is None or bool(mask_self))
+        lead = torch.broadcast_shapes(negatives.shape[:-2], y_pos.shape[:-2])
+        columns = torch.cat([negatives.expand(*lead, *negatives.shape[-2:]), y_pos.expand(*lead, *y_pos.shape[-2:])], -2)
+        w = None if neg_weights is None else torch.cat([neg_weights.expand(*lead, negatives.shape[-2]),
+                                                        neg_weights.new_ones(*lead, y_pos.shape[-2])], -1)
+        scale = feature_scale(x, columns, w, mask_self=y_neg is None or bool(mask_self))
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
     x_n = x.float() / scale  # (..., N, C), carries the gradient
     y_pos_n = None if y_pos is None else y_pos.detach().float() / scale

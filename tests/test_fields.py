@@ -329,3 +329,19 @@ def test_nystrom_falls_back_to_landmark_barycentre_where_projected_density_vanis
     field.min_density = -math.inf  # no row fails: the plain ratio phi^T S / phi^T s
     phi = field.features(x.double(), shift=True)
     assert close(field.attraction(x), (phi @ field.S) / (phi @ field.s)[:, None], rel=1e-4)
+
+
+def test_loss_broadcasts_cfg_weights_and_shared_positives_over_leading_dims():
+    g = gen(20)
+    x = torch.randn(2, 3, 12, 5, generator=g)  # (locations, classes, N, C)
+    y_pos, y_unc = torch.randn(2, 3, 20, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g)
+    w = torch.cat([torch.ones(3, 12), torch.rand(3, 4, generator=g) * 3], -1)  # per class, shared by locations
+    y_neg = torch.cat([x, y_unc], -2)
+    loss, stats = drift_loss(x, y_pos, y_neg, neg_weights=w, mask_self=True)
+    loss_full, stats_full = drift_loss(x, y_pos, y_neg, neg_weights=w.expand(2, 3, 16), mask_self=True)
+    assert torch.equal(stats["scale"], stats_full["scale"]) and math.isclose(loss.item(), loss_full.item())
+    # the scale is the CFG-weighted mean distance to every column the kernel sees, self pairs left out
+    d = torch.cdist(x, torch.cat([y_neg, y_pos], -2))
+    weights = torch.cat([w.expand(2, 3, 16), torch.ones(2, 3, 20)], -1).unsqueeze(-2).expand_as(d).clone()
+    weights[..., :12].diagonal(dim1=-2, dim2=-1).zero_()
+    assert math.isclose(stats["scale"].item(), ((d * weights).sum() / weights.sum() / math.sqrt(5)).item(), rel_tol=1e-5)
