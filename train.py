@@ -391,6 +391,8 @@ def train(args):
                                         "optimizer": opt.state_dict(), "step": step, "args": vars(args),
                                         "encoder": encoder.identity, "rng": states, "train_seconds": train_seconds})
 
+    inception = []  # the FID network, loaded once at the first evaluation
+
     def evaluate():  # sample grid and FID, outside the training clock
         if rank != 0:
             return
@@ -400,9 +402,10 @@ def train(args):
         if args.fid_every > 0 and step % args.fid_every == 0:
             import fid
             t0 = time.time()
-            inception = fid.load_inception(args.inception or None, device=device)
+            if not inception:
+                inception.append(fid.load_inception(args.inception or None, device=device))
             imgs = generate_images(ema_model, vars(args), args.fid_samples, 250, device, args.seed + 1, args.sample_cfg)
-            value = fid.fid_from_images(imgs, args.fid_ref, inception, 250, device)
+            value = fid.fid_from_images(imgs, args.fid_ref, inception[0], 250, device)
             log({"event": "fid", "step": step, "fid": value, "train_seconds": train_seconds, "eval_seconds": time.time() - t0})
             tqdm.write(f"step {step}: FID {value:.2f}")
 
