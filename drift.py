@@ -318,13 +318,18 @@ class NystromField:
         self.s = self.S = None
         self.count = 0
 
+    def _kernel_rows(self, x, u):
+        """k(x, U) [..., N, M] with each row divided by its largest entry, and that row's log shift [..., N, 1].
+        The shift cancels in every ratio, so far-away queries and small temperatures never give 0/0."""
+        log_k = log_kernel(x, u.to(x.dtype), self.temperature, self.kernel)
+        shift = log_k.amax(-1, keepdim=True)
+        return (log_k - shift).exp_(), shift
+
     def features(self, x, shift=False):
-        """phi(x) [..., N, M]. shift=True divides each row by its largest kernel value (it cancels in every
-        ratio), so that far-away queries and small temperatures never turn the weights into 0/0."""
-        log_k = log_kernel(x, self.landmarks.to(x.dtype), self.temperature, self.kernel)
-        if shift:
-            log_k = log_k - log_k.amax(-1, keepdim=True)
-        return log_k.exp_() @ self.w_inv_sqrt.to(x.dtype)
+        """phi(x) [..., N, M]; shift=True: each row divided by its largest kernel value (see _kernel_rows)."""
+        k, log_shift = self._kernel_rows(x, self.landmarks)
+        phi = k @ self.w_inv_sqrt.to(x.dtype)
+        return phi if shift else phi * log_shift.exp()
 
     def fit(self, y_pos, labels=None, all_reduce=False, chunk_size=4096):
         """
@@ -343,6 +348,12 @@ class NystromField:
         self.s = torch.zeros(u.shape[:-1], dtype=torch.float64, device=u.device)  # (..., M)
         self.S = torch.zeros(*u.shape[:-1], d, dtype=torch.float64, device=u.device)  # (..., M, D)
         self.count = 0
+
+        def accumulate(y, u, s, S):  # raw kernel sums into the views s, S; (W + ridge I)^(-1/2) comes at the end
+            k = log_kernel(y, u.double(), self.temperature, self.kernel).exp_()  # (..., n, M)
+            s += k.sum(-2)
+            S += k.mT @ y
+
         for y, lab in chunks:
             _check_points(y, y)
             if y.shape[-1] != d:
@@ -350,19 +361,14 @@ class NystromField:
             y = y.detach().to(u.device, torch.float64)
             self.count += y.shape[-2]
             if lab is None:
-                k = log_kernel(y, u.double(), self.temperature, self.kernel).exp_()  # (..., n, M)
-                self.s += k.sum(-2)
-                self.S += k.mT @ y
+                accumulate(y, u, self.s, self.S)
                 continue
             lab = torch.as_tensor(lab, device=u.device)
             if u.dim() < 3 or int(lab.max()) >= u.shape[-3]:
                 raise ValueError(f"labels need per-class landmarks [..., K, M, D] with K > {int(lab.max())}, "
                                  f"got landmarks {tuple(u.shape)}")
-            for k in lab.unique().tolist():
-                y_k = y[..., lab == k, :].unsqueeze(-3)  # (..., 1, n_k, D)
-                ker = log_kernel(y_k, u[..., k:k + 1, :, :].double(), self.temperature, self.kernel).exp_()
-                self.s[..., k, :] += ker.sum(-2).squeeze(-2)  # (..., 1, n_k, M) kernel rows summed
-                self.S[..., k, :, :] += (ker.mT @ y_k).squeeze(-3)
+            for k in lab.unique().tolist():  # each sample feeds its own class's summaries
+                accumulate(y[..., lab == k, :], u[..., k, :, :], self.s[..., k, :], self.S[..., k, :, :])
         if self.count == 0:
             raise ValueError("fit got no positives")
         # sum_j phi(y_j) = (W + ridge I)^(-1/2) sum_j k(U, y_j): one product at the end, O(n M D) instead of O(n M^2)
@@ -388,8 +394,7 @@ class NystromField:
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             x = _fp32(x)
             u = self._pick(self.landmarks, classes)
-            log_k = log_kernel(x, u, self.temperature, self.kernel)  # (..., N, M)
-            k = (log_k - log_k.amax(-1, keepdim=True)).exp_()  # shifted: the largest weight in a row is 1
+            k, _ = self._kernel_rows(x, u)  # (..., N, M), the largest weight in a row is 1
             if self.folded:
                 out = k @ self._pick(self.folded_summaries, classes)  # (..., N, D+1)
                 num, den = out[..., :-1], out[..., -1:]
@@ -423,9 +428,8 @@ class NystromField:
     def _projected_repulsion(self, x, classes):
         """Batch summaries from phi of the queries, each query's own term subtracted, in float64."""
         u, w_inv_sqrt = self._pick(self.landmarks, classes).double(), self._pick(self.w_inv_sqrt, classes)
-        log_k = log_kernel(x, u, self.temperature, self.kernel)  # (..., N, M)
-        shift = log_k.amax(-1, keepdim=True)
-        phi_shifted = (log_k - shift).exp() @ w_inv_sqrt  # query side, shifted
+        k, shift = self._kernel_rows(x, u)  # (..., N, M), (..., N, 1)
+        phi_shifted = k @ w_inv_sqrt  # query side, shifted
         phi = phi_shifted * shift.exp()  # summary side, true scale
         s_batch, S_batch = phi.sum(-2, keepdim=True), phi.mT @ x  # (..., 1, M), (..., M, D)
         own = (phi_shifted * phi).sum(-1, keepdim=True)  # (..., N, 1)
