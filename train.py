@@ -21,7 +21,6 @@ import re
 import resource
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
