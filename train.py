@@ -296,7 +296,7 @@ def drift_step(args, model, encoder, images, by_class, feats, scales, fields, ge
             y_pos, y_unc = None, feats[g][:, unc].to(device).float().view(L, nc, nunc, C)
         y_neg = torch.cat([xg.detach(), y_unc], -2)  # (L, Nc, Nneg+Nunc, C): the samples themselves first
         loss_g, stats = drift.drift_loss(xg, y_pos, y_neg, args.temperatures, args.field, fields.get(g),
-                                         weights.expand(L, nc, -1), True, scales.get(g), classes.to(device))
+                                         weights, True, scales.get(g), classes.to(device))
         loss, norms = loss + loss_g, norms + [stats["drift_norm"]]
     return loss, torch.stack(norms).mean()
 
