@@ -446,7 +446,7 @@ def bench_step(args, dev):
             targs.temperatures = tuple(targs.temperatures)
             torch.manual_seed(0)
             encoder = train.make_encoder(targs, targs.channels).to(dev)
-            model = train.generator_from_args(vars(targs)).to(dev)
+            model = drift.generator_from_args(vars(targs)).to(dev)
             ema_model = train.copy.deepcopy(model).requires_grad_(False)
             opt = torch.optim.AdamW(model.parameters(), lr=targs.lr, betas=(0.9, 0.95), weight_decay=targs.weight_decay)
             feats, scales, fields = None, {}, {}

@@ -824,6 +824,97 @@ class Generator(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# checkpoints and one-step sampling: the one home the scripts share (train.py writes, sample.py and fid.py read)
+
+def state_digest(obj):
+    """SHA-256 over every tensor's bytes and every value of a nested checkpoint dict."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if torch.is_tensor(o):
+            h.update(f"{o.dtype}{tuple(o.shape)}".encode())
+            h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            for k in sorted(o, key=str):
+                h.update(repr(k).encode())
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+        else:
+            h.update(repr(o).encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(path, ckpt):
+    """Atomic: a reader sees the old checkpoint or the new one, never half of one, and no .tmp is left behind."""
+    ckpt = dict(ckpt, sha256=state_digest(ckpt))
+    try:
+        torch.save(ckpt, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise OSError(f"could not write the checkpoint {path} ({e.strerror or e}); the previous one is intact") from e
+
+
+def load_checkpoint(path):
+    """A train.py checkpoint dict, read with weights_only=True and checked against its digest; ValueError if not."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is truncated or corrupt and cannot be read ({type(e).__name__}); "
+                         f"use an intact copy or start a new run") from None
+    if not isinstance(ckpt, dict) or ckpt.get("sha256") != state_digest({k: v for k, v in ckpt.items() if k != "sha256"}):
+        raise ValueError(f"checkpoint {path} fails its integrity check (tampered or damaged); refusing to load it")
+    return ckpt
+
+
+def generator_from_args(a):
+    """The generator a run's arguments (a plain dict, as stored in a checkpoint) describe."""
+    patch = a["patch_size"] or a["image_size"] // 4
+    return Generator(a["image_size"], a["channels"], a["num_classes"], patch, style_tokens=a["style_tokens"],
+                     **GENERATORS[a["model"]])
+
+
+def load_generator(path, device="cpu", ema=True):
+    """The generator of a train.py checkpoint (its EMA weights by default), in eval mode, and the run's args."""
+    ckpt = load_checkpoint(path)
+    model = generator_from_args(ckpt["args"])
+    model.load_state_dict(ckpt["ema" if ema else "model"])
+    return model.to(device).eval(), ckpt["args"]
+
+
+@torch.no_grad()
+def generate_images(model, num_samples, batch_size=256, device="cpu", seed=0, cfg=1.0, classes=None):
+    """num_samples images as uint8 numpy [N, H, W, C], one network evaluation each. Sample i has class
+    classes[i % len(classes)] (default: all classes in turn), CFG scale cfg ([1] §3.5; 1 = none) and noise
+    seeded by (seed, i), so images do not depend on the batch size or the device."""
+    import numpy as np
+    from tqdm import tqdm
+    model = model.to(device).eval()
+    classes = list(range(model.num_classes)) if classes is None else [int(k) for k in classes]
+    if not classes or min(classes) < 0 or max(classes) >= model.num_classes:
+        raise ValueError(f"classes must lie in [0, {model.num_classes - 1}], got {classes}")
+    if not math.isfinite(cfg):
+        raise ValueError(f"the CFG scale must be a finite number (1 = no guidance), got {cfg}")
+    out = []
+    for start in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=num_samples <= batch_size):
+        index = range(start, min(start + batch_size, num_samples))
+        noise, style = zip(*(model.make_noise(1, torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in index))
+        noise = torch.cat(noise).to(device)  # (B, C, H, W)
+        style = None if style[0] is None else torch.cat(style).to(device)  # (B, tokens)
+        labels = torch.tensor([classes[i % len(classes)] for i in index], device=device)
+        alpha = torch.full((len(index),), float(cfg), device=device)
+        x = model(noise, labels, alpha, style).float()  # (B, C, H, W) in about [-1, 1]
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.image_size, model.image_size, model.channels), np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # registries
 
 GENERATORS = {  # DiT-style sizes; patch size, image size, channels and classes come from the data

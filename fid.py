@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from scipy import linalg
 from tqdm import tqdm
 
+import drift
+
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 FID_WEIGHTS_HASH = "6726825d"  # sha256 prefix, in the file name as torch.hub expects
@@ -408,11 +410,9 @@ def load_images(source, num_samples=None, data_dir="data", batch_size=50, device
         with np.load(path) as f:
             images = f["arr_0"]
     elif path.suffix == ".pt":
-        import sample  # lazily: only checkpoints need the generator code
-
-        model, ckpt_args = sample.load_generator(str(path), device=device)
+        model, _ = drift.load_generator(str(path), device=device)
         n = num_samples or CHECKPOINT_SAMPLES
-        return sample.generate_images(model, ckpt_args, n, batch_size=batch_size, device=device, seed=seed)
+        return drift.generate_images(model, n, batch_size=batch_size, device=device, seed=seed)
     elif source.split(":")[0] in DATASETS:
         import torchvision
 

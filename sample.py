@@ -16,35 +16,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-
-def load_generator(ckpt_path, device="cpu", ema=True):
-    """The generator of a train.py checkpoint (its EMA weights by default) and the run's arguments."""
-    from train import generator_from_args, load_checkpoint
-    ckpt = load_checkpoint(ckpt_path)
-    model = generator_from_args(ckpt["args"])
-    model.load_state_dict(ckpt["ema" if ema else "model"])
-    return model.to(device).eval(), ckpt["args"]
-
-
-@torch.no_grad()
-def generate_images(model, ckpt_args, num_samples, batch_size=256, device="cpu", seed=0, cfg=1.0, classes=None):
-    """num_samples images as uint8 [N, H, W, C]; sample i has class classes[i % len(classes)] (default: all
-    classes in turn) and CFG scale cfg (alpha of [1] §3.5; 1 = no guidance)."""
-    model = model.to(device).eval()
-    classes = list(range(model.num_classes)) if classes is None else [int(k) for k in classes]
-    if not classes or min(classes) < 0 or max(classes) >= model.num_classes:
-        raise ValueError(f"classes must lie in [0, {model.num_classes - 1}], got {classes}")
-    out = []
-    for start in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=num_samples <= batch_size):
-        index = range(start, min(start + batch_size, num_samples))
-        noise, style = zip(*(model.make_noise(1, torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in index))
-        noise = torch.cat(noise).to(device)  # (B, C, H, W)
-        style = None if style[0] is None else torch.cat(style).to(device)  # (B, tokens)
-        labels = torch.tensor([classes[i % len(classes)] for i in index], device=device)
-        alpha = torch.full((len(index),), float(cfg), device=device)
-        x = model(noise, labels, alpha, style).float()  # (B, C, H, W) in about [-1, 1]
-        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.image_size, model.image_size, model.channels), np.uint8)
+import drift
 
 
 def save_grid(images, path, nrow=10, pad=2):
@@ -77,9 +49,9 @@ def main():
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if not (args.grid or args.npz or args.png_dir):
         args.grid = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png")
-    model, ckpt_args = load_generator(args.ckpt, device, ema=not args.no_ema)
     try:
-        images = generate_images(model, ckpt_args, args.num_samples, args.batch_size, device, args.seed, args.cfg, args.classes)
+        model, _ = drift.load_generator(args.ckpt, device, ema=not args.no_ema)
+        images = drift.generate_images(model, args.num_samples, args.batch_size, device, args.seed, args.cfg, args.classes)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if args.grid:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import drift
-from sample import generate_images, save_grid
+from sample import save_grid
 
 # ---------------------------------------------------------------------------------------------- defaults
 _before = set(globals())
@@ -144,13 +144,6 @@ def to_float(images):
     return images.float() / 127.5 - 1  # uint8 -> [-1, 1]
 
 
-def generator_from_args(a):
-    """The generator a run's arguments (a plain dict) describe."""
-    patch = a["patch_size"] or a["image_size"] // 4
-    return drift.Generator(a["image_size"], a["channels"], a["num_classes"], patch, style_tokens=a["style_tokens"],
-                           **drift.GENERATORS[a["model"]])
-
-
 def make_encoder(args, channels):
     try:
         encoder = drift.Encoder(args.encoder, args.encoder_weights or None, channels, args.encoder_resolution or None)
@@ -167,49 +160,6 @@ def make_encoder(args, channels):
 def chosen(groups, args):
     """The feature groups --groups keeps (all by default), an ablation of [1] A.5."""
     return {g: v for g, v in groups.items() if not args.groups or g in args.groups.split(",")}
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-def state_digest(obj):
-    """SHA-256 over every tensor's bytes and every value of a nested checkpoint dict."""
-    h = hashlib.sha256()
-
-    def walk(o):
-        if torch.is_tensor(o):
-            h.update(f"{o.dtype}{tuple(o.shape)}".encode())
-            h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(o, dict):
-            for k in sorted(o, key=str):
-                h.update(repr(k).encode())
-                walk(o[k])
-        elif isinstance(o, (list, tuple)):
-            for v in o:
-                walk(v)
-        else:
-            h.update(repr(o).encode())
-    walk(obj)
-    return h.hexdigest()
-
-
-def save_checkpoint(path, ckpt):
-    """Atomic: a reader sees the old checkpoint or the new one, never half of one."""
-    ckpt = dict(ckpt, sha256=state_digest(ckpt))
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: checkpoint {path} is truncated or corrupt and cannot be read "
-                         f"({type(e).__name__}); resume from an intact copy or start a new run")
-    if not isinstance(ckpt, dict) or ckpt.get("sha256") != state_digest({k: v for k, v in ckpt.items() if k != "sha256"}):
-        raise SystemExit(f"error: checkpoint {path} fails its integrity check (tampered or damaged); refusing to load it")
-    return ckpt
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -322,7 +272,10 @@ def setup(args):
 def train(args):
     rank, world, device = setup(args)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    try:
+        ckpt = drift.load_checkpoint(ckpt_path) if args.resume else None
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     if ckpt is not None:  # the run's own settings win; only run-control flags may change
         vars(args).update({k: v for k, v in ckpt["args"].items() if k not in RUN_FLAGS})
     # the one-sided Nystrom mean shift collapsed each MNIST class onto one landmark at [1]'s temperatures (measured)
@@ -340,7 +293,7 @@ def train(args):
     encoder = make_encoder(args, args.channels).to(device)
     if ckpt is not None and ckpt["encoder"] != encoder.identity:
         raise SystemExit(f"error: the checkpoint was trained with encoder {ckpt['encoder']}, not {encoder.identity}")
-    model = generator_from_args(vars(args)).to(device)
+    model = drift.generator_from_args(vars(args)).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed + rank)  # every random draw of training comes from here
@@ -386,7 +339,7 @@ def train(args):
             states = [None] * world
             dist.all_gather_object(states, gen.get_state())
         if rank == 0:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema_model.state_dict(),
+            drift.save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema_model.state_dict(),
                                         "optimizer": opt.state_dict(), "step": step, "args": vars(args),
                                         "encoder": encoder.identity, "rng": states, "train_seconds": train_seconds})
 
@@ -396,14 +349,14 @@ def train(args):
         if rank != 0:
             return
         k = min(args.num_classes, 10)
-        grid = generate_images(ema_model, vars(args), 8 * k, 256, device, args.seed, args.sample_cfg, list(range(k)))
+        grid = drift.generate_images(ema_model, 8 * k, 256, device, args.seed, args.sample_cfg, list(range(k)))
         save_grid(grid, os.path.join(args.out_dir, "samples", f"step{step:06d}.png"), nrow=k)
         if args.fid_every > 0 and step % args.fid_every == 0:
             import fid
             t0 = time.time()
             if not inception:
                 inception.append(fid.load_inception(args.inception or None, device=device))
-            imgs = generate_images(ema_model, vars(args), args.fid_samples, 250, device, args.seed + 1, args.sample_cfg)
+            imgs = drift.generate_images(ema_model, args.fid_samples, 250, device, args.seed + 1, args.sample_cfg)
             value = fid.fid_from_images(imgs, args.fid_ref, inception[0], 250, device)
             log({"event": "fid", "step": step, "fid": value, "train_seconds": train_seconds, "eval_seconds": time.time() - t0})
             tqdm.write(f"step {step}: FID {value:.2f}")

@@ -160,12 +160,12 @@ def test_every_source_gives_the_same_features(tmp_path, images, monkeypatch):
         calls["load"] = (ckpt_path, device)
         return "model", {"dataset": "cifar10"}
 
-    def generate_images(model, ckpt_args, num_samples, batch_size=256, device="cpu", seed=0, cfg=1.0, classes=None):
+    def generate_images(model, num_samples, batch_size=256, device="cpu", seed=0, cfg=1.0, classes=None):
         calls["generate"] = (model, num_samples, device)
         return images[:num_samples]
 
-    fake_sample = types.SimpleNamespace(load_generator=load_generator, generate_images=generate_images)
-    monkeypatch.setitem(sys.modules, "sample", fake_sample)
+    monkeypatch.setattr(fid.drift, "load_generator", load_generator)
+    monkeypatch.setattr(fid.drift, "generate_images", generate_images)
 
     for source in [str(folder), str(tmp_path / "samples.npz"), "cifar10", str(tmp_path / "run.pt")]:
         loaded = fid.load_images(source, num_samples=7, data_dir=str(tmp_path))

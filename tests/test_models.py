@@ -1,5 +1,7 @@
 """The encoder wrapper and the generator: feature groups as documented, frozen weights, gradient flow."""
 
+import os
+
 import pytest
 import torch
 
@@ -82,3 +84,26 @@ def test_bad_encoder_names_and_weights_fail_clearly(tmp_path):
         drift.Encoder("resnet18", str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="takes 3 channels"):
         drift.Encoder("mae", _mae_weights(tmp_path / "enc.pt", 3), in_channels=1)
+
+
+def test_scripts_import_drift_and_never_each_other_in_a_circle():
+    """The arrows run from the scripts to drift.py: walk every script's top-level and lazy imports of the
+    project's own modules and require that no module reaches itself again."""
+    import ast
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    modules = [f[:-3] for f in os.listdir(root) if f.endswith(".py")]
+    edges = {}
+    for m in modules:
+        tree = ast.parse(open(os.path.join(root, m + ".py")).read())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        edges[m] = names & set(modules)
+    assert edges["drift"] == set(), edges["drift"]
+    for start in modules:
+        seen, todo = set(), list(edges[start])
+        while todo:
+            m = todo.pop()
+            assert m != start, f"{start}.py reaches itself through its imports: {edges}"
+            if m not in seen:
+                seen.add(m)
+                todo += edges[m]
