@@ -21,6 +21,7 @@ import re
 import resource
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -34,27 +35,27 @@ _before = set(globals())
 stage = "generator"  # generator | encoder (train the small ResNet MAE encoder instead)
 # data
 dataset = "mnist"  # mnist | fashion-mnist | cifar10 | cifar100 | svhn | imagefolder | fake (synthetic blobs, for tests)
-data_dir = "data"  # torchvision root, or the root of an ImageNet-style folder
+data_dir = "data"  # torchvision root (or a folder with DATASET_train.npz), or the root of an ImageNet-style folder
 download = False  # let torchvision download the dataset into --data-dir
 image_size = 0  # resize images to this many pixels a side (0: the dataset's own; imagefolder needs one)
 fake_size = 256  # images in --dataset fake
 # method
 field = "nystrom"  # nystrom (DriftXpress projected attraction) | exact (Algorithm 2 against real batches)
-encoder = "pixel"  # pixel | mae | resnet18 | resnet50 | dinov2_vits14 | dinov2_vitb14
-encoder_weights = ""  # local weights file (mae: written by --stage encoder; resnet/dinov2 when offline)
+encoder = "auto"  # auto (by dataset) | pixel | mae (trained and cached on first use) | resnet18 | resnet50 | dinov2_vits14 | dinov2_vitb14
+encoder_weights = ""  # local weights file (mae: empty = the cached one for this dataset, trained if missing)
 encoder_resolution = 0  # resize images to this before the encoder (0: as they are)
 groups = "auto"  # feature groups used, comma-separated (e.g. pixel,x4.loc); auto: pixel alone for --encoder pixel, else all
 temperatures = ()  # summed, each drift RMS-normalised [1] A.6; empty: 0.02 0.05 0.2 (exact, [1]), 0.1 0.2 0.4 (nystrom)
 classes_per_step = 10  # Nc classes per batch
 gen_per_class = 16  # Nneg generated samples per class (they are also the negatives)
-pos_per_class = 64  # Npos real positives per class (exact field)
+pos_per_class = 64  # Npos real positives per class (exact field; drawn from the feature cache)
 unc_per_class = 16  # Nunc real unconditional negatives per class, weighted for CFG [1] §3.5
 cfg_max = 4.0  # alpha in [1, cfg-max] drawn with p(alpha) ~ alpha^-cfg_power
 cfg_power = 3.0
 landmarks = 128  # Nystrom landmarks per class (real samples)
 landmark_strategy = "random"  # random | kmeans | kcenter (on pooled global features)
 ridge = 1e-4  # Nystrom ridge
-feature_cache = ""  # folder for encoded training sets (default: <data-dir>/feature_cache)
+cache_dir = ""  # encoded training sets, auto-trained MAE encoders, FID statistics (default: $DRIFT_CACHE or ~/.cache/drift)
 save_fields = False  # also write the Nystrom summaries to <out-dir>/fields.pt
 # generator and optimiser
 model = "tiny"  # tiny | small | base (drift.GENERATORS)
@@ -67,30 +68,39 @@ grad_clip = 2.0
 ema = 0.995  # EMA decay (papers: 0.999-0.9999 for long runs)
 max_steps = 2000
 time_limit = 0.0  # minutes of training before stopping with a checkpoint (0: none)
-encoder_steps = 2000  # --stage encoder: steps of masked-autoencoder training
+encoder_steps = 2000  # MAE encoder: steps of masked-autoencoder training
 encoder_batch = 128
-mask_ratio = 0.5  # --stage encoder: fraction of 4x4 patches hidden
+mask_ratio = 0.5  # MAE encoder: fraction of 4x4 patches hidden
 # run
 out_dir = "out"
-resume = False  # continue from <out-dir>/ckpt.pt exactly where it stopped
+resume = False  # continue from <out-dir>/ckpt.pt exactly where it stopped, with its own settings
 log_every = 25
 sample_every = 250  # PNG grid of EMA samples (0: only at the end)
-ckpt_every = 250
-sample_cfg = 1.0  # CFG scale of the sample grids
-fid_every = 0  # FID every K steps (needs --fid-ref and fid.py)
-fid_samples = 5000
-fid_ref = ""  # reference statistics .npz (mu, sigma)
+ckpt_every = 250  # (0: only at the end)
+sample_cfg = 1.0  # CFG scale of the sample grids and FID samples
+fid_every = 0  # FID, precision and recall every K steps (0: none)
+fid_samples = 5000  # generated samples per FID
+fid_ref = ""  # reference: a statistics .npz, or a dataset (mnist:test, cifar10); empty: the training images, cached
 inception = ""  # local Inception weights for fid.py
 seed = 0
 device = "auto"  # auto | cpu | cuda | cuda:1 ...
 dtype = "bf16"  # bf16 | fp32: autocast on GPU (fields always fp32; CPU always fp32)
 compile = False  # torch.compile the generator
 _defaults = {k: v for k, v in globals().items() if k not in _before and not k.startswith("_")}
+# defaults that depend on --dataset (a flag given on the command line wins). Pixel-space drifting fails on
+# natural images ([1] §5.2; public ports got "beige blobs"), so colour datasets default to the MAE encoder,
+# trained once and cached; the sizes follow [1] A.2 and [2]'s CIFAR-10 setting (500 landmarks a class).
+_natural = dict(encoder="mae", model="small", patch_size=2, gen_per_class=64, pos_per_class=128, unc_per_class=32,
+                landmarks=500, lr=4e-4, warmup=1000, ema=0.999, max_steps=50000, encoder_steps=5000,
+                sample_every=1000, ckpt_every=1000, fid_samples=10000)
+PRESETS = {"mnist": dict(encoder="pixel"), "fashion-mnist": dict(encoder="pixel"), "cifar10": _natural,
+           "cifar100": dict(_natural, landmarks=150), "svhn": _natural, "imagefolder": _natural,
+           "fake": dict(encoder="pixel")}
 # --------------------------------------------------------------------------------------------------------
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "imagefolder", "fake")
+DATASETS = tuple(PRESETS)
 RUN_FLAGS = ("max_steps", "time_limit", "log_every", "sample_every", "ckpt_every", "fid_every", "fid_samples",
-             "fid_ref", "inception", "device", "compile", "resume", "out_dir", "data_dir", "feature_cache")
+             "fid_ref", "inception", "device", "compile", "resume", "out_dir", "data_dir", "cache_dir", "download")
 
 
 def load_dataset(args):
@@ -108,6 +118,15 @@ def load_dataset(args):
             blob = torch.exp(-((grid[:, None] - centre[0]) ** 2 + (grid - centre[1]) ** 2) / width)  # (n, 16, 16)
             colour = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]])[labels]  # (n, 3)
             images = (255 * blob[:, None] * colour[:, :, None, None]).round().to(torch.uint8)
+        elif os.path.isfile(npz := os.path.join(root, f"{name}_train.npz")):  # x: uint8 [n, H, W, C], y: labels
+            with np.load(npz) as f:
+                if "x" not in f or "y" not in f:
+                    raise SystemExit(f"error: {npz} holds {sorted(f.keys())}; expected x (uint8 [n, H, W, C]) and y (labels)")
+                x, labels = torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
+            if x.dtype != torch.uint8 or x.dim() != 4 or len(x) != len(labels):
+                raise SystemExit(f"error: {npz}: x must be uint8 [n, H, W, C] with one label in y each, "
+                                 f"got x {x.dtype} {tuple(x.shape)} and {len(labels)} labels")
+            images = x.permute(0, 3, 1, 2)
         elif name in ("mnist", "fashion-mnist"):
             ds = (datasets.MNIST if name == "mnist" else datasets.FashionMNIST)(root, train=True, download=args.download)
             images, labels = ds.data.unsqueeze(1), ds.targets
@@ -134,6 +153,8 @@ def load_dataset(args):
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){hint}")
     if len(images) == 0:
         raise SystemExit(f"error: dataset {name} at {root} has no images")
+    if labels.min() < 0:
+        raise SystemExit(f"error: dataset {name} at {root} has negative labels; expected classes 0..K-1")
     if args.image_size > 0 and images.shape[-1] != args.image_size:
         images = F.interpolate(images.float(), size=(args.image_size,) * 2, mode="bilinear", antialias=True)
         images = images.round().clamp(0, 255).to(torch.uint8)
@@ -144,17 +165,40 @@ def to_float(images):
     return images.float() / 127.5 - 1  # uint8 -> [-1, 1]
 
 
-def make_encoder(args, channels):
+def data_hash(images, labels):
+    """SHA-256 of the training images' and labels' bytes: what every cache built from them is keyed on."""
+    h = hashlib.sha256(str(tuple(images.shape)).encode())
+    h.update(images.contiguous().numpy().tobytes())
+    h.update(labels.numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_folder(args):
+    return args.cache_dir or os.environ.get("DRIFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "drift")
+
+
+def make_encoder(args, images, device, rank):
+    """The frozen encoder. --encoder mae without --encoder-weights uses the MAE trained on this very data
+    (keyed by its contents, steps and seed) from the cache, and trains it there the first time."""
+    if args.encoder == "mae" and not args.encoder_weights:
+        path = os.path.join(cache_folder(args), f"mae-{args.dataset}-{args.data_hash[:12]}-{args.encoder_steps}steps-"
+                                                f"seed{args.seed}.pt")
+        if rank == 0 and not os.path.exists(path):
+            print(f"no MAE encoder for this data yet: training one ({args.encoder_steps} steps), cached at {path}")
+            fit_mae(args, images, device, path)
+        if dist.is_initialized():
+            dist.barrier()
+        args.encoder_weights = path
     try:
-        encoder = drift.Encoder(args.encoder, args.encoder_weights or None, channels, args.encoder_resolution or None)
+        encoder = drift.Encoder(args.encoder, args.encoder_weights or None, images.shape[1], args.encoder_resolution or None)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    names = set(encoder(torch.zeros(2, channels, args.image_size, args.image_size)))
+    names = set(encoder(torch.zeros(2, *images.shape[1:])))
     if args.groups == "auto":  # on raw pixels the per-location and patch statistics pull to the dominant
         args.groups = "pixel" if args.encoder == "pixel" else ""  # background (tested on MNIST); networks use all
     if not set(args.groups.split(",") if args.groups else []) <= names:
         raise SystemExit(f"error: unknown feature groups in --groups {args.groups}; this encoder has {', '.join(sorted(names))}")
-    return encoder
+    return encoder.to(device)
 
 
 def chosen(groups, args):
@@ -165,24 +209,42 @@ def chosen(groups, args):
 # ---------------------------------------------------------------------------------------------- features
 
 def encode_dataset(args, encoder, images, device, rank):
-    """Every training image through the frozen encoder once, cached to disk as float16 {group: [L, n, C]},
-    keyed by dataset, encoder (name, weights hash, resolution) and image size."""
-    ident = encoder.identity
-    key = hashlib.sha256(json.dumps([args.dataset, args.fake_size, list(images.shape), ident]).encode()).hexdigest()[:12]
-    folder = args.feature_cache or os.path.join(args.data_dir, "feature_cache")
-    path = os.path.join(folder, f"{args.dataset}-{images.shape[-1]}px-{ident['name']}-{key}.pt")
-    if rank == 0 and not os.path.exists(path):
-        feats = {}
+    """Every training image through the frozen encoder once, cached to disk as float16 {group: [L, n, C]}, keyed
+    by what the features depend on: the images' and labels' bytes, the encoder (name, weights hash,
+    resolution) and the groups kept. A cache that cannot be read is named and rebuilt."""
+    key = hashlib.sha256(json.dumps([args.data_hash, encoder.identity, args.groups]).encode()).hexdigest()[:16]
+    path = os.path.join(cache_folder(args), f"features-{args.dataset}-{encoder.identity['name']}-{key}.pt")
+    feats = None
+    if rank == 0 and os.path.exists(path):
+        try:
+            feats = torch.load(path, weights_only=True)
+        except Exception as e:
+            print(f"warning: the feature cache {path} cannot be read ({type(e).__name__}); rebuilding it")
+    if rank == 0 and feats is None:
+        parts = {}
         with torch.no_grad():
             for i in tqdm(range(0, len(images), 500), desc="encoding the training set"):
-                for g, v in encoder(to_float(images[i:i + 500]).to(device)).items():
-                    feats.setdefault(g, []).append(v.half().cpu())
-        os.makedirs(folder, exist_ok=True)
-        torch.save({g: torch.cat(v, 1) for g, v in feats.items()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    if dist.is_initialized():
+                for g, v in chosen(encoder(to_float(images[i:i + 500]).to(device)), args).items():
+                    parts.setdefault(g, []).append(v.half().cpu())
+        feats = {g: torch.cat(v, 1) for g, v in parts.items()}  # {group: (L, n, C)}
+        for g, v in feats.items():
+            bad = (~torch.isfinite(v)).flatten(2).any(-1).any(0).nonzero().flatten()  # images with a non-finite feature
+            if len(bad):
+                raise SystemExit(f"error: the encoder gave non-finite {g} features for {len(bad)} training images "
+                                 f"(first: index {bad[0].item()}); check the encoder weights and the data")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(feats, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            print(f"warning: could not write the feature cache {path} ({e.strerror or e}); continuing without it")
+    if dist.is_initialized():  # the other processes read what rank 0 wrote
         dist.barrier()
-    return torch.load(path, weights_only=True)
+        if rank != 0:
+            feats = torch.load(path, weights_only=True)
+    return feats
 
 
 def build_fields(args, feats, labels, num_classes, device, rank, world):
@@ -214,36 +276,36 @@ def sample_alpha(n, args, gen):
     u, k = torch.rand(n, generator=gen), args.cfg_power
     if args.cfg_max <= 1:
         return torch.ones(n)
+    if k == 1:  # density 1/alpha: log-uniform
+        return args.cfg_max ** u
     return (1 - u * (1 - args.cfg_max ** (1 - k))) ** (1 / (1 - k))
 
 
-def drift_step(args, model, encoder, images, by_class, feats, scales, fields, gen, device, autocast):
+def drift_step(args, model, encoder, by_class, feats, scales, fields, gen, device, autocast):
     """One drifting loss: Nc classes x Nneg generated samples; negatives are the class's own samples plus
-    Nunc real unconditional samples weighted w = (alpha - 1)(Nneg - 1)/Nunc. Returns (loss, drift norm)."""
+    Nunc real unconditional samples weighted w = (alpha - 1)(Nneg - 1)/Nunc. Real samples (positives of the
+    exact field, unconditional negatives) are looked up in the feature cache, so both fields see the same
+    features and differ only in the field. Returns (loss, drift norm)."""
     raw = getattr(model, "module", model)
     nc, nneg, npos, nunc = min(args.classes_per_step, len(by_class)), args.gen_per_class, args.pos_per_class, args.unc_per_class
+    n = sum(len(i) for i in by_class)
     classes = torch.randperm(len(by_class), generator=gen)[:nc]  # (Nc,)
     alpha = sample_alpha(nc, args, gen)  # (Nc,)
     noise, style = raw.make_noise(nc * nneg, gen, device)
-    unc = torch.randint(len(images), (nc * nunc,), generator=gen)
+    unc = torch.randint(n, (nc * nunc,), generator=gen)
     w_unc = (alpha - 1) * (nneg - 1) / max(nunc, 1)  # (Nc,)
     weights = torch.cat([torch.ones(nc, nneg), w_unc[:, None].expand(nc, nunc)], -1).to(device)  # (Nc, Nneg+Nunc)
+    if args.field == "exact":  # Npos real positives of each of the batch's classes
+        pos = torch.stack([by_class[k][torch.randint(len(by_class[k]), (npos,), generator=gen)] for k in classes])
     with autocast:
         x = model(noise, classes.repeat_interleave(nneg).to(device), alpha.repeat_interleave(nneg).to(device), style)
         gen_feats = chosen(encoder(x), args)  # {group: (L, Nc*Nneg, C)}
-        if args.field == "exact":  # real positives of the batch's classes and unconditional negatives, encoded now
-            pos = torch.stack([by_class[k][torch.randint(len(by_class[k]), (npos,), generator=gen)] for k in classes])
-            with torch.no_grad():
-                real = encoder(to_float(images[torch.cat([pos.flatten(), unc])]).to(device))
     loss, norms = 0.0, []
     for g, xg in gen_feats.items():
         L, C = xg.shape[0], xg.shape[-1]
         xg = xg.float().view(L, nc, nneg, C)
-        if args.field == "exact":
-            y_pos = real[g][:, :nc * npos].float().view(L, nc, npos, C)
-            y_unc = real[g][:, nc * npos:].float().view(L, nc, nunc, C)
-        else:
-            y_pos, y_unc = None, feats[g][:, unc].to(device).float().view(L, nc, nunc, C)
+        y_pos = feats[g][:, pos.flatten()].to(device).float().view(L, nc, npos, C) if args.field == "exact" else None
+        y_unc = feats[g][:, unc].to(device).float().view(L, nc, nunc, C)
         y_neg = torch.cat([xg.detach(), y_unc], -2)  # (L, Nc, Nneg+Nunc, C): the samples themselves first
         loss_g, stats = drift.drift_loss(xg, y_pos, y_neg, args.temperatures, args.field, fields.get(g),
                                          weights, True, scales.get(g), classes.to(device))
@@ -269,28 +331,93 @@ def setup(args):
     return dist.get_rank(), dist.get_world_size(), torch.device(device)
 
 
+def check_settings(args):
+    """Every setting that cannot define a run, refused before any work, in one line that says how to fix it."""
+    def need(ok, message):
+        if not ok:
+            raise SystemExit(f"error: {message}")
+    need(args.dataset in DATASETS, f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    need(args.field in ("exact", "nystrom"), f"unknown field {args.field!r}; choose exact or nystrom")
+    need(args.model in drift.GENERATORS, f"unknown model {args.model!r}; choose one of {', '.join(drift.GENERATORS)}")
+    need(args.encoder in drift.ENCODERS, f"unknown encoder {args.encoder!r}; choose auto or one of {', '.join(drift.ENCODERS)}")
+    need(args.classes_per_step >= 1, f"--classes-per-step must be at least 1, got {args.classes_per_step}")
+    need(args.gen_per_class >= 2, f"--gen-per-class must be at least 2 (a sample is not its own negative), "
+                                  f"got {args.gen_per_class}")
+    need(args.pos_per_class >= 1 or args.field == "nystrom", f"--pos-per-class must be at least 1, got {args.pos_per_class}")
+    need(args.unc_per_class >= 0 and args.landmarks >= 1, "--unc-per-class must be >= 0 and --landmarks >= 1")
+    need(args.cfg_max >= 1 and math.isfinite(args.cfg_max * args.cfg_power * args.sample_cfg),
+         f"--cfg-max must be >= 1 and --cfg-power, --sample-cfg finite, got {args.cfg_max}, {args.cfg_power}, {args.sample_cfg}")
+    need(all(math.isfinite(t) and t > 0 for t in args.temperatures),
+         f"--temperatures must be positive, got {' '.join(map(str, args.temperatures))}")
+    for name in ("lr", "ridge", "weight_decay", "grad_clip", "warmup", "time_limit"):
+        need(math.isfinite(getattr(args, name)) and getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, "
+                                                                               f"got {getattr(args, name)}")
+    need(args.lr > 0 and args.grad_clip > 0, "--lr and --grad-clip must be positive")
+    need(0 <= args.ema < 1, f"--ema must lie in [0, 1), got {args.ema}")
+    need(0 < args.mask_ratio < 1 and args.encoder_steps >= 1 and args.encoder_batch >= 1,
+         "--mask-ratio must lie in (0, 1), --encoder-steps and --encoder-batch must be >= 1")
+    need(args.max_steps >= 1 and args.log_every >= 1, "--max-steps and --log-every must be at least 1")
+    need(min(args.sample_every, args.ckpt_every, args.fid_every) >= 0, "--sample-every, --ckpt-every, --fid-every must be >= 0")
+    need(args.fid_every == 0 or args.fid_samples >= 2, f"--fid-samples must be at least 2, got {args.fid_samples}")
+    need(not args.fid_ref.endswith(".npz") or os.path.isfile(args.fid_ref), f"--fid-ref {args.fid_ref} does not exist")
+    need(args.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {args.dtype}")
+    need(not args.device.startswith("cuda") or torch.cuda.is_available(),
+         f"--device {args.device} asked for, but this machine has no CUDA GPU; use --device cpu (or auto)")
+    need(args.image_size >= 0 and args.patch_size >= 0, "--image-size and --patch-size must be >= 0")
+    need(args.stage in ("generator", "encoder"), f"unknown --stage {args.stage!r}; choose generator or encoder")
+
+
+def resume_settings(args, ckpt, explicit):
+    """A resumed run continues the same run: its settings come from the checkpoint. A run-control flag given on
+    the command line (--max-steps, --ckpt-every, ...) changes it; any other flag that differs is refused."""
+    same = lambda a, b: json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+    for k, saved in ckpt["args"].items():
+        if k in explicit and k not in RUN_FLAGS and not same(getattr(args, k, saved), saved):
+            raise SystemExit(f"error: --{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
+                             f"{saved}; a resumed run keeps its settings: drop the flag, or start a new --out-dir")
+        if k not in explicit or k not in RUN_FLAGS:
+            setattr(args, k, saved)
+
+
 def train(args):
-    rank, world, device = setup(args)
+    explicit = set(vars(args).pop("explicit", ()))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     try:
         ckpt = drift.load_checkpoint(ckpt_path) if args.resume else None
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    if ckpt is not None:  # the run's own settings win; only run-control flags may change
-        vars(args).update({k: v for k, v in ckpt["args"].items() if k not in RUN_FLAGS})
+    if ckpt is not None:
+        resume_settings(args, ckpt, explicit)
     # the one-sided Nystrom mean shift collapsed each MNIST class onto one landmark at [1]'s temperatures (measured)
     args.temperatures = tuple(args.temperatures) or ((0.02, 0.05, 0.2) if args.field == "exact" else (0.1, 0.2, 0.4))
-    if args.field not in ("exact", "nystrom"):
-        raise SystemExit(f"error: unknown field {args.field!r}; choose exact or nystrom")
-    if args.model not in drift.GENERATORS:
-        raise SystemExit(f"error: unknown model {args.model!r}; choose one of {', '.join(drift.GENERATORS)}")
+    check_settings(args)
+    rank, world, device = setup(args)
     images, labels = load_dataset(args)
+    digest = data_hash(images, labels)
+    if ckpt is not None and args.data_hash != digest:
+        raise SystemExit(f"error: the data at {args.data_dir} is not the data this run was trained on "
+                         f"(content hash {digest[:12]}, checkpoint {args.data_hash[:12]}); point --data-dir at it")
+    args.data_hash = digest
     by_class = [(labels == k).nonzero().squeeze(1) for k in range(int(labels.max()) + 1)]
+    if min(len(i) for i in by_class) == 0:
+        raise SystemExit(f"error: class {[len(i) for i in by_class].index(0)} has no images; labels must be 0..K-1")
     args.channels, args.image_size, args.num_classes = images.shape[1], images.shape[-1], len(by_class)
+    patch = args.patch_size or args.image_size // 4
+    if patch < 1 or args.image_size % patch:
+        raise SystemExit(f"error: patch size {patch} does not divide the image size {args.image_size}; "
+                         f"choose a divisor with --patch-size")
     os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+    inception = []  # the FID network and the reference statistics, loaded before any training work
+    if args.fid_every > 0 and rank == 0:
+        import fid
+        try:
+            inception.append(fid.load_inception(args.inception or None, device=device))
+        except Exception as e:
+            raise SystemExit(f"error: --fid-every needs the Inception network: {e}")
+        inception.append(fid_reference(args, images, inception[0], device))
     t_setup = time.time()
     torch.manual_seed(args.seed)
-    encoder = make_encoder(args, args.channels).to(device)
+    encoder = make_encoder(args, images, device, rank)
     if ckpt is not None and ckpt["encoder"] != encoder.identity:
         raise SystemExit(f"error: the checkpoint was trained with encoder {ckpt['encoder']}, not {encoder.identity}")
     model = drift.generator_from_args(vars(args)).to(device)
@@ -306,9 +433,10 @@ def train(args):
             raise SystemExit(f"error: the checkpoint was written by {len(ckpt['rng'])} processes; resume it with as many")
         gen.set_state(ckpt["rng"][rank])
         step, train_seconds = ckpt["step"], ckpt["train_seconds"]
-    feats, scales, fields = None, {}, {}
-    if args.field == "nystrom":  # the exact field encodes its real images every step instead
-        feats = chosen(encode_dataset(args, encoder, images, device, rank), args)
+    saved_step = step
+    feats = encode_dataset(args, encoder, images, device, rank)  # both fields look real samples up here
+    scales, fields = {}, {}
+    if args.field == "nystrom":
         scales, fields = build_fields(args, feats, labels, len(by_class), device, rank, world)
         if args.save_fields and rank == 0:
             torch.save({g: {"scale": scales[g].cpu(), "s": [f.s.cpu() for f in fs], "S": [f.S.cpu() for f in fs]}
@@ -339,11 +467,13 @@ def train(args):
             states = [None] * world
             dist.all_gather_object(states, gen.get_state())
         if rank == 0:
-            drift.save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema_model.state_dict(),
-                                        "optimizer": opt.state_dict(), "step": step, "args": vars(args),
-                                        "encoder": encoder.identity, "rng": states, "train_seconds": train_seconds})
-
-    inception = []  # the FID network, loaded once at the first evaluation
+            try:
+                drift.save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema_model.state_dict(),
+                                                  "optimizer": opt.state_dict(), "step": step, "args": vars(args),
+                                                  "encoder": encoder.identity, "rng": states,
+                                                  "train_seconds": train_seconds})
+            except OSError as e:
+                raise SystemExit(f"error: {e}")
 
     def evaluate():  # sample grid and FID, outside the training clock
         if rank != 0:
@@ -354,12 +484,10 @@ def train(args):
         if args.fid_every > 0 and step % args.fid_every == 0:
             import fid
             t0 = time.time()
-            if not inception:
-                inception.append(fid.load_inception(args.inception or None, device=device))
             imgs = drift.generate_images(ema_model, args.fid_samples, 250, device, args.seed + 1, args.sample_cfg)
-            value = fid.fid_from_images(imgs, args.fid_ref, inception[0], 250, device)
-            log({"event": "fid", "step": step, "fid": value, "train_seconds": train_seconds, "eval_seconds": time.time() - t0})
-            tqdm.write(f"step {step}: FID {value:.2f}")
+            scores = fid.fid_from_images(imgs, inception[1], inception[0], 250, device)  # fid, precision, recall
+            log({"event": "fid", "step": step, **scores, "train_seconds": train_seconds, "eval_seconds": time.time() - t0})
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if v is not None))
 
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="drifting")
     sums = [0.0, 0.0, 0.0, 0]  # loss, drift norm, seconds, steps since the last log line
@@ -367,10 +495,16 @@ def train(args):
         t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
-        loss, drift_norm = drift_step(args, net, encoder, images, by_class, feats, scales, fields, gen, device, autocast)
+        loss, drift_norm = drift_step(args, net, encoder, by_class, feats, scales, fields, gen, device, autocast)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        finite = torch.isfinite(loss.detach() + grad_norm).float()
+        if world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():  # stop before the optimiser writes NaN into the weights; the checkpoint stays good
+            raise SystemExit(f"error: the loss or its gradient is not finite at step {step + 1}; stopped without "
+                             f"updating. The last good checkpoint (step {saved_step}) is {ckpt_path}; try a lower --lr")
         opt.step()
         update_ema(ema_model, model, args.ema)
         step += 1
@@ -387,7 +521,7 @@ def train(args):
             rate = sums[3] / sums[2]
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else \
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            record = {"step": step, "loss": sums[0] / sums[3], "drift_norm": sums[1] / sums[3],
+            record = {"step": step, "steps_averaged": sums[3], "loss": sums[0] / sums[3], "drift_norm": sums[1] / sums[3],
                       "train_seconds": round(train_seconds, 3), "steps_per_sec": rate,
                       "images_per_sec": rate * world * args.gen_per_class * min(args.classes_per_step, len(by_class)),
                       "peak_mem_gb": peak, "lr": opt.param_groups[0]["lr"]}
@@ -398,6 +532,7 @@ def train(args):
         done = step == args.max_steps or out_of_time
         if done or (args.ckpt_every and step % args.ckpt_every == 0):
             checkpoint()
+            saved_step = step
         if done or (args.sample_every and step % args.sample_every == 0) or (args.fid_every and step % args.fid_every == 0):
             evaluate()
         if out_of_time:
@@ -408,10 +543,27 @@ def train(args):
     return {"step": step, "train_seconds": train_seconds, "model": model, "ema": ema_model}
 
 
-def train_encoder(args):
-    """--stage encoder: the small ResNet as a masked autoencoder (hide 4x4 patches, predict their pixels)."""
-    images, _ = load_dataset(args)
-    device = setup(args)[2]
+def fid_reference(args, images, inception, device):
+    """The FID reference statistics file: --fid-ref as given (.npz), a dataset's cached statistics (mnist:test,
+    cifar10), or, by default, those of up to 50,000 training images, computed once and cached by content."""
+    import fid
+    if args.fid_ref.endswith(".npz"):
+        return args.fid_ref
+    if args.fid_ref:
+        return fid.reference_statistics(args.fid_ref, inception, None, cache_folder(args), args.data_dir, device=device)
+    n = min(len(images), 50_000)
+    path = os.path.join(cache_folder(args), f"fid-{args.dataset}-{args.data_hash[:12]}-{n}.npz")
+    if not os.path.exists(path):
+        index = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]
+        features = fid.get_activations(images[index].permute(0, 2, 3, 1).numpy(), inception, 250, device)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(path + ".tmp.npz", mu=features.mean(0), sigma=np.cov(features, rowvar=False), features=features)
+        os.replace(path + ".tmp.npz", path)
+    return path
+
+
+def fit_mae(args, images, device, path):
+    """The small ResNet as a masked autoencoder (hide 4x4 patches, predict their pixels), written to path."""
     torch.manual_seed(args.seed)
     net, decoder = drift.SmallResNet(images.shape[1]).to(device), drift.MAEDecoder(images.shape[1]).to(device)
     opt = torch.optim.AdamW(list(net.parameters()) + list(decoder.parameters()), lr=1e-3, weight_decay=0.01)
@@ -427,27 +579,50 @@ def train_encoder(args):
         opt.step()
         if step % 100 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, "encoder.pt")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"encoder": net.state_dict(), "config": net.config, "dataset": args.dataset}, path + ".tmp")
     os.replace(path + ".tmp", path)
+    return path
+
+
+def train_encoder(args):
+    """--stage encoder: train the MAE encoder into <out-dir>/encoder.pt (train.py does this by itself, cached,
+    when --encoder mae is given without --encoder-weights)."""
+    check_settings(args)
+    images, _ = load_dataset(args)
+    path = fit_mae(args, images, setup(args)[2], os.path.join(args.out_dir, "encoder.pt"))
     print(f"wrote {path}: use --encoder mae --encoder-weights {path}")
     return path
 
 
 def parse_args(argv=None):
+    """The flags of the defaults block; those the command line leaves out take --dataset's PRESETS, then the
+    block's values. args.explicit lists the flags given, so that --resume can tell them apart."""
     import argparse
     helps = dict(re.findall(r"^(\w+) = .*?  # (.*)$", open(__file__).read(), re.M))
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    depends = lambda name: [d for d, p in PRESETS.items() if name in p]
+    epilog = "defaults that depend on --dataset:\n" + "\n".join(
+        f"  {d}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in p.items()) for d, p in PRESETS.items())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in _defaults.items():
-        flag, kw = "--" + name.replace("_", "-"), {"default": value, "help": helps.get(name, " ")}
+        note = f" (default: {value}" + (f"; by dataset, see below)" if depends(name) else ")")
+        flag, kw = "--" + name.replace("_", "-"), {"default": value, "help": helps.get(name, "") + note}
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(value, tuple):
             parser.add_argument(flag, type=float, nargs="+", **kw)
         else:
             parser.add_argument(flag, type=type(value), **kw)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for action in parser._actions:  # parse again with no defaults: what is left was given
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(parser.parse_args(argv)))
+    for k, v in PRESETS.get(args.dataset, {}).items():
+        if k not in explicit or getattr(args, k) == "auto":
+            setattr(args, k, v)
+    args.explicit = sorted(explicit)
+    return args
 
 
 def main(argv=None):

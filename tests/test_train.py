@@ -127,13 +127,16 @@ def test_fid_events_exclude_evaluation_time(tmp_path, monkeypatch):
 
     def slow_fid(images, ref, model, batch_size, device):  # stands in for fid.py: 2 s of "evaluation"
         time.sleep(2.0)
-        return float(images.mean())
+        return {"fid": float(images.mean()), "precision": 1.0, "recall": 0.5}
     fake_fid = types.SimpleNamespace(load_inception=lambda path=None, device="cpu": None, fid_from_images=slow_fid)
     monkeypatch.setitem(sys.modules, "fid", fake_fid)
-    _, out = run(tmp_path, "fid", "--max-steps", "4", "--fid-every", "2", "--fid-samples", "8", "--fid-ref", "ref.npz")
+    (tmp_path / "ref.npz").write_bytes(b"")
+    _, out = run(tmp_path, "fid", "--max-steps", "4", "--fid-every", "2", "--fid-samples", "8",
+                 "--fid-ref", str(tmp_path / "ref.npz"))
     log = read_log(out)
     fids = [r for r in log if r.get("event") == "fid"]
     assert [r["step"] for r in fids] == [2, 4] and all(r["eval_seconds"] >= 2.0 for r in fids)
+    assert all(r["precision"] == 1.0 and r["recall"] == 0.5 for r in fids)
     seconds = {r["step"]: r["train_seconds"] for r in log if "drift_norm" in r}
     assert fids[0]["train_seconds"] == pytest.approx(seconds[2], abs=1e-3)
     assert seconds[3] - seconds[2] < 1.5  # the 2 s of evaluation are not on the training clock
