@@ -406,7 +406,6 @@ def train(args):
     if patch < 1 or args.image_size % patch:
         raise SystemExit(f"error: patch size {patch} does not divide the image size {args.image_size}; "
                          f"choose a divisor with --patch-size")
-    os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
     inception = []  # the FID network and the reference statistics, loaded before any training work
     if args.fid_every > 0 and rank == 0:
         import fid
@@ -415,6 +414,7 @@ def train(args):
         except Exception as e:
             raise SystemExit(f"error: --fid-every needs the Inception network: {e}")
         inception.append(fid_reference(args, images, inception[0], device))
+    os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
     t_setup = time.time()
     torch.manual_seed(args.seed)
     encoder = make_encoder(args, images, device, rank)

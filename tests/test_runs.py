@@ -1,0 +1,230 @@
+"""train.py as a user meets it off the README's path: repeated and resumed runs, caches, bad settings, non-finite
+steps, dataset defaults and data paths. Tiny runs on the CPU; each case here once failed silently or late."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import drift
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--fake-size", "128", "--classes-per-step", "4", "--gen-per-class", "8", "--pos-per-class", "8",
+        "--unc-per-class", "4", "--landmarks", "8", "--log-every", "1", "--sample-every", "0", "--model", "tiny",
+        "--lr", "3e-3", "--warmup", "1", "--temperatures", "0.05", "0.2", "--encoder", "pixel", "--patch-size", "0"]
+
+
+def fake(tmp_path, name, *extra):
+    out = tmp_path / name
+    return train.main(["--dataset", "fake", *TINY, "--data-dir", str(tmp_path / "data"), "--out-dir", str(out), *extra]), out
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def blobs(n=64, size=16, seed=0):
+    """n uint8 images [n, size, size, 3] of 4 classes (a bright square in a class-dependent corner) and labels."""
+    g = np.random.default_rng(seed)
+    x = g.integers(0, 60, (n, size, size, 3), dtype=np.uint8)
+    y = np.arange(n) % 4
+    for i, k in enumerate(y):
+        r, c = divmod(int(k), 2)
+        x[i, r * 8:r * 8 + 8, c * 8:c * 8 + 8] = 200
+    return x, y
+
+
+def stop_at(monkeypatch, calls):
+    """Make the `calls`-th EMA update raise, as a kill would: after some checkpoint, before the next."""
+    real, count = train.update_ema, [0]
+
+    def update(*a):
+        count[0] += 1
+        if count[0] == calls:
+            raise KeyboardInterrupt
+        real(*a)
+    monkeypatch.setattr(train, "update_ema", update)
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    whole, out_whole = fake(tmp_path, "whole", "--max-steps", "8", "--ckpt-every", "3")
+    with monkeypatch.context() as m:
+        stop_at(m, 5)  # killed in step 5: its checkpoint is step 3, its log already has step 4
+        with pytest.raises(KeyboardInterrupt):
+            fake(tmp_path, "killed", "--max-steps", "8", "--ckpt-every", "3", "--log-every", "1")
+    assert drift.load_checkpoint(str(tmp_path / "killed" / "ckpt.pt"))["step"] == 3
+    # the README's command: only --resume and --out-dir; --log-every 4 is a run-control flag given explicitly
+    resumed = train.main(["--resume", "--out-dir", str(tmp_path / "killed"), "--log-every", "4"])
+    for key in ("model", "ema"):
+        for a, b in zip(whole[key].state_dict().values(), resumed[key].state_dict().values()):
+            assert torch.equal(a, b)
+    opt_whole = drift.load_checkpoint(str(out_whole / "ckpt.pt"))["optimizer"]["state"]
+    opt_resumed = drift.load_checkpoint(str(tmp_path / "killed" / "ckpt.pt"))["optimizer"]["state"]
+    for i in opt_whole:
+        for k in opt_whole[i]:
+            assert torch.equal(opt_whole[i][k], opt_resumed[i][k])
+    log = read_log(tmp_path / "killed")
+    records = [r for r in log if "drift_norm" in r]
+    # the killed run's step-4 line (written after its checkpoint) is gone; the resumed run's first line, at step 4,
+    # covers one step since the checkpoint and says so
+    assert [(r["step"], r["steps_averaged"]) for r in records] == [(1, 1), (2, 1), (3, 1), (4, 1), (8, 4)]
+    assert [r["event"] for r in log if "event" in r] == ["config", "resume"]
+    whole_log = {r["step"]: r for r in read_log(out_whole) if "drift_norm" in r}
+    assert [r["loss"] for r in records[:4]] == [whole_log[s]["loss"] for s in (1, 2, 3, 4)]
+    assert records[4]["loss"] == pytest.approx(np.mean([whole_log[s]["loss"] for s in range(5, 9)]), rel=1e-6)
+
+
+def test_resume_keeps_the_run_settings_and_refuses_other_data(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        stop_at(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            fake(tmp_path, "run", "--max-steps", "6", "--ckpt-every", "2")
+    with pytest.raises(SystemExit, match="--dataset mnist differs from the checkpoint's fake"):
+        train.main(["--resume", "--out-dir", str(tmp_path / "run"), "--dataset", "mnist"])
+    with pytest.raises(SystemExit, match="--lr 0.1 differs"):
+        train.main(["--resume", "--out-dir", str(tmp_path / "run"), "--lr", "0.1"])
+    result = train.main(["--resume", "--out-dir", str(tmp_path / "run")])
+    assert result["step"] == 6  # the run's own --max-steps, not the default 2,000
+    steps = [r["step"] for r in read_log(tmp_path / "run") if "drift_norm" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    result = train.main(["--resume", "--out-dir", str(tmp_path / "run"), "--max-steps", "7"])  # run control may change
+    assert result["step"] == 7
+
+
+def test_imagefolder_runs_twice_and_resumes_without_writing_into_the_data(tmp_path):
+    x, y = blobs(32)
+    for i, (img, k) in enumerate(zip(x, y)):
+        os.makedirs(tmp_path / "folder" / f"class{k}", exist_ok=True)
+        Image.fromarray(img).save(tmp_path / "folder" / f"class{k}" / f"{i}.png")
+    before = sorted(os.listdir(tmp_path / "folder"))
+    args = ["--dataset", "imagefolder", "--image-size", "16", *TINY, "--data-dir", str(tmp_path / "folder"),
+            "--max-steps", "2", "--landmarks", "4"]
+    train.main(args + ["--out-dir", str(tmp_path / "a")])
+    train.main(args + ["--out-dir", str(tmp_path / "b")])
+    assert train.main(["--resume", "--out-dir", str(tmp_path / "b"), "--max-steps", "3"])["step"] == 3
+    assert sorted(os.listdir(tmp_path / "folder")) == before
+
+
+def test_a_run_that_goes_non_finite_stops_and_keeps_its_last_good_checkpoint(tmp_path, monkeypatch):
+    real, count = train.drift_step, [0]
+
+    def poisoned(*a):
+        loss, norm = real(*a)
+        count[0] += 1
+        return (loss * float("nan"), norm) if count[0] == 3 else (loss, norm)
+    monkeypatch.setattr(train, "drift_step", poisoned)
+    with pytest.raises(SystemExit, match=r"not finite at step 3.*last good checkpoint \(step 2\)"):
+        fake(tmp_path, "run", "--max-steps", "6", "--ckpt-every", "2")
+    ckpt = drift.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gen-per-class", "1"], "gen-per-class must be at least 2"),
+    (["--classes-per-step", "0"], "classes-per-step must be at least 1"),
+    (["--log-every", "0"], "log-every must be at least 1"),
+    (["--lr", "-1"], "lr must be"),
+    (["--temperatures", "0"], "temperatures must be positive"),
+    (["--temperatures", "nan"], "temperatures must be positive"),
+    (["--patch-size", "5"], "patch size 5 does not divide the image size 16"),
+    (["--field", "nystrum"], "unknown field"),
+    (["--fid-every", "2", "--fid-ref", "missing.npz"], "missing.npz does not exist"),
+    (["--fid-every", "2", "--inception", "missing.pt"], "needs the Inception network"),
+])
+def test_settings_that_cannot_define_a_run_are_refused_before_any_work(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        fake(tmp_path, "run", "--max-steps", "2", *flags)
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt") and not os.path.exists(tmp_path / "run" / "log.jsonl")
+
+
+def test_cuda_without_a_gpu_is_one_message(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        fake(tmp_path, "run", "--device", "cuda")
+
+
+def test_cfg_power_one_is_the_log_uniform_limit():
+    args = train.parse_args(["--cfg-power", "1", "--cfg-max", "4"])
+    alpha = train.sample_alpha(20000, args, torch.Generator().manual_seed(0))
+    assert alpha.min() >= 1 and alpha.max() <= 4
+    assert abs(alpha.log().mean().item() - np.log(2.0)) < 0.02  # log alpha uniform on [0, log 4]
+    near = train.sample_alpha(20000, train.parse_args(["--cfg-power", "1.0001", "--cfg-max", "4"]),
+                              torch.Generator().manual_seed(0))
+    assert torch.allclose(alpha, near, atol=2e-3)  # continuous in k
+
+
+def test_sample_py_refuses_a_non_finite_cfg(tmp_path):
+    _, out = fake(tmp_path, "run", "--max-steps", "1")
+    for cfg in ("nan", "inf"):
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(out / "ckpt.pt"), "--cfg",
+                               cfg, "--grid", str(tmp_path / "g.png")], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode != 0 and "finite" in done.stderr and not os.path.exists(tmp_path / "g.png")
+
+
+def test_npz_data_path_and_caches_keyed_by_content(tmp_path, private_cache):
+    """--dataset cifar10 reads DATA/cifar10_train.npz (x uint8 NHWC, y), the layout get_cifar10.sh writes; new images
+    of the same count and size give new features and summaries, not the stale ones."""
+    x, y = blobs(64)
+    np.savez(tmp_path / "cifar10_train.npz", x=x, y=y)
+    args = ["--dataset", "cifar10", *TINY, "--data-dir", str(tmp_path), "--max-steps", "1", "--save-fields"]
+    train.main(args + ["--out-dir", str(tmp_path / "a")])
+    np.savez(tmp_path / "cifar10_train.npz", x=255 - x, y=y)
+    train.main(args + ["--out-dir", str(tmp_path / "b")])
+    assert len([f for f in os.listdir(private_cache) if f.startswith("features-")]) == 2
+    a, b = (torch.load(tmp_path / d / "fields.pt", weights_only=True)["pixel"]["S"][0] for d in "ab")
+    assert not torch.allclose(a, b)
+    np.savez(tmp_path / "cifar10_train.npz", images=x)
+    with pytest.raises(SystemExit, match="expected x"):
+        train.main(args + ["--out-dir", str(tmp_path / "c")])
+
+
+def test_a_corrupt_feature_cache_is_named_and_rebuilt(tmp_path, private_cache, capsys):
+    fake(tmp_path, "a", "--max-steps", "1")
+    (path,) = [private_cache / f for f in os.listdir(private_cache) if f.startswith("features-")]
+    path.write_bytes(path.read_bytes()[:100])
+    fake(tmp_path, "b", "--max-steps", "1")
+    assert f"{path} cannot be read" in capsys.readouterr().out
+    torch.load(path, weights_only=True)  # rebuilt whole
+
+
+def test_exact_field_takes_its_positives_from_the_feature_cache(tmp_path, monkeypatch):
+    fake(tmp_path, "a", "--field", "exact", "--max-steps", "1")  # builds the cache
+
+    def no_real_images(images):
+        raise AssertionError("a real image went through the encoder during training")
+    monkeypatch.setattr(train, "to_float", no_real_images)
+    _, out = fake(tmp_path, "b", "--field", "exact", "--max-steps", "3")
+    assert read_log(out)[-1]["step"] == 3
+
+
+def test_mae_encoder_is_trained_once_cached_and_used(tmp_path, private_cache, capsys):
+    extra = ["--encoder", "mae", "--encoder-steps", "2", "--encoder-batch", "8", "--max-steps", "1"]
+    fake(tmp_path, "a", *extra)
+    assert "training one" in capsys.readouterr().out
+    (mae,) = [private_cache / f for f in os.listdir(private_cache) if f.startswith("mae-")]
+    stamp = mae.stat().st_mtime_ns
+    fake(tmp_path, "b", *extra, "--field", "exact")
+    assert "training one" not in capsys.readouterr().out and mae.stat().st_mtime_ns == stamp  # reused
+    ckpt = drift.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
+    assert ckpt["encoder"]["name"] == "mae" and ckpt["encoder"]["sha256"] == hashlib.sha256(mae.read_bytes()).hexdigest()
+    assert "stage4.loc" in read_log(tmp_path / "b")[0]["args"]["groups"] or ckpt["args"]["groups"] == ""  # all groups
+
+
+def test_dataset_defaults_are_what_help_says():
+    help_text = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--help"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout
+    for name, preset in train.PRESETS.items():
+        args = train.parse_args(["--dataset", name])
+        line = next(l for l in help_text.splitlines() if l.strip().startswith(f"{name}:"))
+        for k, v in preset.items():
+            assert getattr(args, k) == v and f"--{k.replace('_', '-')} {v}" in line
+    assert train.parse_args(["--dataset", "cifar10", "--landmarks", "7"]).landmarks == 7  # the command line wins
+    assert train.parse_args(["--dataset", "cifar10", "--encoder", "auto"]).encoder == "mae"
