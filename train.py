@@ -92,7 +92,7 @@ _defaults = {k: v for k, v in globals().items() if k not in _before and not k.st
 # trained once and cached; the sizes follow [1] A.2 and [2]'s CIFAR-10 setting (500 landmarks a class).
 _natural = dict(encoder="mae", model="small", patch_size=2, gen_per_class=64, pos_per_class=128, unc_per_class=32,
                 landmarks=500, lr=4e-4, warmup=1000, ema=0.999, max_steps=50000, encoder_steps=5000,
-                sample_every=1000, ckpt_every=1000, fid_samples=10000)
+                sample_every=1000, ckpt_every=1000, fid_every=5000, fid_samples=10000)
 PRESETS = {"mnist": dict(encoder="pixel"), "fashion-mnist": dict(encoder="pixel"), "cifar10": _natural,
            "cifar100": dict(_natural, landmarks=150), "svhn": _natural, "imagefolder": _natural,
            "fake": dict(encoder="pixel")}
@@ -475,13 +475,13 @@ def train(args):
             except OSError as e:
                 raise SystemExit(f"error: {e}")
 
-    def evaluate():  # sample grid and FID, outside the training clock
+    def evaluate(final):  # sample grid and FID (every --fid-every steps and at the end), outside the training clock
         if rank != 0:
             return
         k = min(args.num_classes, 10)
         grid = drift.generate_images(ema_model, 8 * k, 256, device, args.seed, args.sample_cfg, list(range(k)))
         save_grid(grid, os.path.join(args.out_dir, "samples", f"step{step:06d}.png"), nrow=k)
-        if args.fid_every > 0 and step % args.fid_every == 0:
+        if args.fid_every > 0 and (step % args.fid_every == 0 or final):
             import fid
             t0 = time.time()
             imgs = drift.generate_images(ema_model, args.fid_samples, 250, device, args.seed + 1, args.sample_cfg)
@@ -534,7 +534,7 @@ def train(args):
             checkpoint()
             saved_step = step
         if done or (args.sample_every and step % args.sample_every == 0) or (args.fid_every and step % args.fid_every == 0):
-            evaluate()
+            evaluate(done)
         if out_of_time:
             break
     bar.close()
