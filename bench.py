@@ -427,7 +427,7 @@ def bench_step(args, dev):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for field in ("exact", "nystrom"):
-            targs = train.parse_args(["--field", field, "--data-dir", tmp, "--feature-cache", tmp, "--device", dev.type]
+            targs = train.parse_args(["--field", field, "--data-dir", tmp, "--cache-dir", tmp, "--device", dev.type]
                                      + (["--dataset", "fake", "--landmarks", "16"] if args.quick
                                         else ["--dataset", "mnist", "--download"]))
             if not args.quick:  # torchvision extracts the .gz files next to them: a linked copy in tmp
@@ -443,15 +443,15 @@ def bench_step(args, dev):
             images, labels = images[keep], labels[keep]  # a step costs the same; the one-off summaries less
             by_class = [(labels == k).nonzero().squeeze(1) for k in range(int(labels.max()) + 1)]
             targs.channels, targs.image_size, targs.num_classes = images.shape[1], images.shape[-1], len(by_class)
-            targs.temperatures = tuple(targs.temperatures)
+            targs.temperatures = tuple(targs.temperatures) or train.FIELD_TEMPERATURES[field]
+            targs.data_hash = train.data_hash(images, labels)
             torch.manual_seed(0)
-            encoder = train.make_encoder(targs, targs.channels).to(dev)
+            encoder = train.make_encoder(targs, images, dev, 0)
             model = drift.generator_from_args(vars(targs)).to(dev)
             ema_model = train.copy.deepcopy(model).requires_grad_(False)
             opt = torch.optim.AdamW(model.parameters(), lr=targs.lr, betas=(0.9, 0.95), weight_decay=targs.weight_decay)
-            feats, scales, fields = None, {}, {}
+            feats, scales, fields = train.encode_dataset(targs, encoder, images, dev, 0), {}, {}
             if field == "nystrom":
-                feats = train.encode_dataset(targs, encoder, images, dev, 0)
                 scales, fields = train.build_fields(targs, feats, labels, len(by_class), dev, 0, 1)
             clock = {"device": dev, "generator": 0.0, "encoder": 0.0, "field": 0.0}
             loss_fn = drift.drift_loss
@@ -475,7 +475,7 @@ def bench_step(args, dev):
                         clock[k] = 0.0
                     sync(dev)
                     t0 = time.perf_counter()
-                    loss, _ = train.drift_step(targs, gen_wrapped, enc_wrapped, images, by_class, feats, scales,
+                    loss, _ = train.drift_step(targs, gen_wrapped, enc_wrapped, by_class, feats, scales,
                                                fields, gen, dev, torch.autocast(dev.type, enabled=False))
                     sync(dev)
                     t1 = time.perf_counter()

@@ -19,3 +19,11 @@ def test_quick_bench_runs_and_its_checks_hold(tmp_path):
     for strategy in ("random", "kmeans"):
         rows = sorted((r for r in results["fidelity"] if r["strategy"] == strategy), key=lambda r: r["M"])
         assert rows[-1]["cos"] > rows[0]["cos"] and rows[-1]["rel_l2"] < rows[0]["rel_l2"]
+
+
+def test_quick_step_breakdown_adds_up(tmp_path):
+    rows = bench.main(["--quick", "--threads", "1", "--sections", "step"])["step"]
+    assert {r["field"] for r in rows} == {"exact", "nystrom"}
+    for r in rows:
+        parts = sum(r[f"{k}_ms"] for k in ("generator", "encoder", "field", "backward", "optimizer", "other"))
+        assert abs(parts - r["step_ms"]) < 1e-6 * r["step_ms"] + 1e-9 and 0 < r["field_share"] < 1
