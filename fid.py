@@ -1,213 +1,90 @@
 """
-Frechet Inception Distance (FID), computed the way the literature computes it, and a plot of FID against
-training wall-clock time.
+FID with pytorch-fid's Inception network and Frechet distance, improved precision and recall on the same
+features, and what pytorch-fid leaves out: image sources, cached reference statistics, offline TorchScript
+weights and a plot of FID against training wall-clock time.
 
 FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between Gaussians fitted (in float64) to the 2048-d pool3
-features of Inception-v3 with the TensorFlow 2015-12-05 weights. Images are uint8, resized bilinearly to
-299x299 and scaled to [-1, 1] as pytorch-fid does. Statistics files are .npz with `mu` and `sigma`, the same
-files pytorch-fid reads and writes. Usage:
+features of Inception-v3 with the TensorFlow 2015-12-05 weights [1, 2]. The network, its input handling
+(bilinear resize to 299, scaling to [-1, 1]) and the distance are pytorch-fid's own code [3]; this file feeds it
+uint8 images. Precision and recall [4] ask what share of the generated features lies inside the manifold of the
+real ones, and the reverse, with k = 3 nearest neighbours. Statistics files are .npz with `mu` and `sigma`, as
+pytorch-fid reads and writes them, plus `features` (float32) for precision and recall. Usage:
 
-    python fid.py samples.npz mnist --data-dir data         # FID between two sources
-    python fid.py --save-stats cifar10 stats/cifar10.npz     # reference statistics of a dataset
+    python fid.py samples.npz mnist --data-dir data             # FID, precision, recall of samples against mnist
+    python fid.py --save-stats cifar10 stats/cifar10.npz         # reference statistics (and features) of a dataset
     python fid.py run.pt stats/cifar10.npz --num-samples 50000   # one-step samples of a checkpoint
     python fid.py --plot runs/a.jsonl runs/b.jsonl --out fid_vs_time.png
 
 A source is a folder of images, an .npz of uint8 images (arr_0, N x H x W x C, as sample.py writes), an .npz
 of statistics, a torchvision dataset name (mnist, fashion-mnist, cifar10; NAME:test for the test split) or
-a .pt generator checkpoint. The Inception weights are pytorch-fid's state dict (downloaded once to
+a .pt generator checkpoint. The weights are pytorch-fid's state dict (downloaded once to
 torch.hub.get_dir()/checkpoints) or, with --inception PATH, that file or the TorchScript network of
-StyleGAN2-ADA/StyleGAN3 and clean-fid, whose parameters are mapped into the same network.
+StyleGAN2-ADA/StyleGAN3 and clean-fid [5], whose parameters are mapped into pytorch-fid's network.
 
 References:
 1) Heusel, Ramsauer, Unterthiner, Nessler, Hochreiter, "GANs Trained by a Two Time-Scale Update Rule Converge
    to a Local Nash Equilibrium", NeurIPS 2017 (FID; the TTUR code and the 2015-12-05 Inception graph).
 2) Dowson, Landau, "The Frechet distance between multivariate normal distributions", J. Multivar. Anal. 1982.
-3) Seitzer, pytorch-fid (github.com/mseitzer/pytorch-fid): FIDInception (TF's average pools skip padding, the
-   last block max-pools), bilinear resize to 299, the eps retry on a singular product.
-4) Karras et al., StyleGAN2-ADA / StyleGAN3 metrics, and Parmar, Zhang, Zhu, "On Aliased Resizing and
+3) Seitzer, pytorch-fid (github.com/mseitzer/pytorch-fid): pytorch_fid.inception.InceptionV3 and
+   pytorch_fid.fid_score.calculate_frechet_distance, used here as they are.
+4) Kynkaanniemi, Karras, Laine, Lehtinen, Aila, "Improved Precision and Recall Metric for Assessing Generative
+   Models", NeurIPS 2019, Section 3 (k-NN balls, k = 3).
+5) Karras et al., StyleGAN2-ADA / StyleGAN3 metrics, and Parmar, Zhang, Zhu, "On Aliased Resizing and
    Surprising Subtleties in GAN Evaluation" (clean-fid), CVPR 2022: the TorchScript inception-2015-12-05.pt.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import re
 import warnings
 import zipfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
+import pytorch_fid.inception
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from scipy import linalg
+import torchvision
+from pytorch_fid.fid_score import calculate_frechet_distance  # noqa: F401  (re-exported: the distance papers report)
+from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 from tqdm import tqdm
 
 import drift
 
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
-FID_WEIGHTS_HASH = "6726825d"  # sha256 prefix, in the file name as torch.hub expects
+FID_WEIGHTS_HASH = "6726825d"  # sha256 prefix of pytorch-fid's weights, in the file name as torch.hub expects
 TORCHSCRIPT_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}  # name -> torchvision
 CHECKPOINT_SAMPLES = 50_000  # the usual FID-50k when a checkpoint is scored and --num-samples is not given
+NEIGHBOURS = 3  # k of improved precision and recall [4]
+DISTANCE_BLOCK = 2**24  # distances held at once by precision_recall (64 MiB in float32)
 
 # ----------------------------------------------------------------------------------------------------------
-# the Inception network (pytorch-fid's FIDInception: torchvision's Inception-v3 names, TF's pooling)
+# the Inception network: pytorch-fid's, with weights from its state dict or the TorchScript file
 
 
-class BasicConv2d(nn.Module):
-    """conv (no bias) -> batch norm (TF's eps 1e-3) -> ReLU."""
+def inception_skeleton():
+    """torchvision's Inception-v3 on the meta device: the parameter names and shapes of pytorch-fid's state dict.
 
-    def __init__(self, c_in, c_out, kernel_size, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False)
-        self.bn = nn.BatchNorm2d(c_out, eps=0.001)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+    pytorch-fid's FID blocks subclass torchvision's and change only their pooling, so the names are the same.
+    """
+    with torch.device("meta"):
+        return torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
 
 
-def tf_avg_pool(x):
-    """3x3 average pool that, like TensorFlow's, leaves the zero padding out of the average."""
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-
-class InceptionA(nn.Module):  # Mixed_5b-5d, 35x35
-    def __init__(self, c_in, pool_features):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(c_in, 64, 1)
-        self.branch5x5_1 = BasicConv2d(c_in, 48, 1)
-        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(c_in, pool_features, 1)
-
-    def forward(self, x):
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(tf_avg_pool(x))], 1)
-
-
-class InceptionB(nn.Module):  # Mixed_6a, 35x35 -> 17x17
-    def __init__(self, c_in):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(c_in, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionC(nn.Module):  # Mixed_6b-6e, 17x17, factorised 7x7 convolutions
-    def __init__(self, c_in, c7):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(c_in, 192, 1)
-        self.branch7x7_1 = BasicConv2d(c_in, c7, 1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(c_in, 192, 1)
-
-    def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = x
-        for i in range(1, 6):
-            bd = getattr(self, f"branch7x7dbl_{i}")(bd)
-        return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(tf_avg_pool(x))], 1)
-
-
-class InceptionD(nn.Module):  # Mixed_7a, 17x17 -> 8x8
-    def __init__(self, c_in):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(c_in, 192, 1)
-        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(c_in, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionE(nn.Module):  # Mixed_7b (average pool) and Mixed_7c (max pool: a quirk of the TF graph), 8x8
-    def __init__(self, c_in, pool):
-        super().__init__()
-        self.pool = pool
-        self.branch1x1 = BasicConv2d(c_in, 320, 1)
-        self.branch3x3_1 = BasicConv2d(c_in, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(c_in, 192, 1)
-
-    def forward(self, x):
-        a = self.branch3x3_1(x)
-        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        pooled = tf_avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
-                          self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(pooled)], 1)
-
-
-class FIDInception(nn.Module):
-    """Inception-v3 up to pool3: (N, 3, 299, 299) in [-1, 1] -> (N, 2048). State-dict names are pytorch-fid's."""
-
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, c7=128)
-        self.Mixed_6c = InceptionC(768, c7=160)
-        self.Mixed_6d = InceptionC(768, c7=160)
-        self.Mixed_6e = InceptionC(768, c7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, pool="avg")
-        self.Mixed_7c = InceptionE(2048, pool="max")
-
-    def forward(self, x):
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (N, 64, 147, 147)
-        x = F.max_pool2d(x, 3, stride=2)  # (N, 64, 73, 73)
-        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)  # (N, 192, 35, 35)
-        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
-            x = getattr(self, f"Mixed_{name}")(x)  # ... -> (N, 2048, 8, 8)
-        return x.mean((2, 3))  # (N, 2048) pool3
-
-
-def convert_torchscript_state_dict(ts_state, model):
-    """Parameters of a TorchScript FID network, named as `model` (an FIDInception) names them.
+def convert_torchscript_state_dict(ts_state, skeleton):
+    """Parameters of the TorchScript FID network, named as pytorch-fid names them.
 
     The StyleGAN/clean-fid network keeps, per conv layer P, P.weight, P.beta, P.mean, P.var (batch norm with no
-    scale), registered in the same order as FIDInception's layers (Mixed_7b: conv = branch1x1, tower_conv =
-    branch3x3_1, tower_mixed_conv(_1) = branch3x3_2a(b), tower_1_* = branch3x3dbl_*, tower_2_conv =
-    branch_pool), so layers are paired in order and every pair's shape is checked.
+    scale), registered in the same order as torchvision's Inception-v3 registers its conv layers (Mixed_7b: conv =
+    branch1x1, tower_conv = branch3x3_1, tower_mixed_conv(_1) = branch3x3_2a(b), tower_1_* = branch3x3dbl_*,
+    tower_2_conv = branch_pool), so layers are paired in order and every pair's shape is checked.
     """
-    ours = model.state_dict()
-    if all(k in ts_state for k in ours):  # a scripted FIDInception: already our names
-        return {k: ts_state[k] for k in ours}
     prefixes = [k[: -len(".beta")] for k in ts_state if k.endswith(".beta")]
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BasicConv2d)]
+    layers = [(name, m) for name, m in skeleton.named_modules() if type(m).__name__ == "BasicConv2d"]
     if len(prefixes) != len(layers):
         raise ValueError(f"the TorchScript network has {len(prefixes)} conv layers with batch norm, the FID "
                          f"Inception has {len(layers)}: this is not inception-2015-12-05")
@@ -232,66 +109,85 @@ def _is_torchscript(path):
         return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
 
 
-def load_inception(path=None, device="cpu"):
-    """The FID Inception network in eval mode, from pytorch-fid's state dict or a TorchScript file.
-
-    With no path: pytorch-fid's weights (or inception-2015-12-05.pt) from torch.hub.get_dir()/checkpoints,
-    downloaded there (sha256-checked) on first use.
-    """
-    with torch.device("meta"):  # no time spent on a random init that the weights replace
-        model = FIDInception()
-    if path is None:
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        found = [cache / Path(u).name for u in (FID_WEIGHTS_URL, TORCHSCRIPT_URL) if (cache / Path(u).name).exists()]
-        path = found[0] if found else cache / Path(FID_WEIGHTS_URL).name
-        if not found:
-            try:
-                cache.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(path), hash_prefix=FID_WEIGHTS_HASH)
-            except OSError as e:  # offline, proxy, read-only cache ...
-                raise FileNotFoundError(
-                    f"could not download the FID Inception weights ({e}): put {path.name} (from {FID_WEIGHTS_URL}) "
-                    f"or inception-2015-12-05.pt (from {TORCHSCRIPT_URL}) in {cache}, or pass --inception PATH"
-                ) from None
+def inception_state_dict(path):
+    """pytorch-fid's state dict, read from its .pth or mapped from the TorchScript network; names and shapes checked."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no Inception weights at {path}: give pytorch-fid's {Path(FID_WEIGHTS_URL).name} "
                                 f"or the TorchScript inception-2015-12-05.pt")
+    skeleton = inception_skeleton()
+    expected = skeleton.state_dict()
     if _is_torchscript(path):
         with warnings.catch_warnings():  # torch 2.9+ calls torch.jit deprecated; the file format is not
             warnings.simplefilter("ignore", FutureWarning)
-            scripted = torch.jit.load(path, map_location="cpu")
-        state = convert_torchscript_state_dict(scripted.state_dict(), model)
+            state = convert_torchscript_state_dict(torch.jit.load(path, map_location="cpu").state_dict(), skeleton)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith(("fc.", "AuxLogits."))}  # logits: unused
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    state |= {k: torch.tensor(0) for k in model.state_dict() if k.endswith("num_batches_tracked") and k not in state}
-    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
-    if missing or unexpected:
+    for k, v in expected.items():  # the logits and batch-norm counters: in the state dict, unused by pool3
+        if k.startswith("fc.") or k.endswith("num_batches_tracked"):
+            state.setdefault(k, torch.zeros(v.shape, dtype=v.dtype))
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    misshapen = sorted(k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape)
+    if missing or unexpected or misshapen:
         raise ValueError(f"{path} is not the FID Inception network: missing {sorted(missing)[:3]}, unexpected "
-                         f"{sorted(unexpected)[:3]} ({len(missing)} and {len(unexpected)} in all)")
+                         f"{sorted(unexpected)[:3]}, wrong shape {misshapen[:3]} ({len(missing)}, "
+                         f"{len(unexpected)} and {len(misshapen)} in all)")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def fid_inception(state_dict):
+    """pytorch-fid's InceptionV3 (FID blocks, pool3 output) with these weights, in eval mode.
+
+    Its constructor fetches the weights by URL; it is handed `state_dict` instead, so nothing is downloaded.
+    """
+    with mock.patch.object(pytorch_fid.inception, "load_state_dict_from_url", lambda *args, **kwargs: state_dict):
+        model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]])  # resizes to 299, scales [0, 1] to [-1, 1]
+    return model.eval()
+
+
+def default_weights():
+    """pytorch-fid's weights (or inception-2015-12-05.pt) in torch.hub.get_dir()/checkpoints, downloaded once."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    for url in (FID_WEIGHTS_URL, TORCHSCRIPT_URL):
+        if (cache / Path(url).name).exists():
+            return cache / Path(url).name
+    path = cache / Path(FID_WEIGHTS_URL).name
     try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:  # shapes
-        raise ValueError(f"{path} is not the FID Inception network: {str(e).splitlines()[1].strip()}") from None
-    return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)  # ~1.5x faster
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(path), hash_prefix=FID_WEIGHTS_HASH)
+    except OSError as e:  # offline, proxy, read-only cache ...
+        raise FileNotFoundError(f"could not download the FID Inception weights ({e}): put {path.name} (from "
+                                f"{FID_WEIGHTS_URL}) or inception-2015-12-05.pt (from {TORCHSCRIPT_URL}) in {cache}, "
+                                f"or pass --inception PATH") from None
+    return path
+
+
+def load_inception(path=None, device="cpu"):
+    """The FID Inception network from a weights file (pytorch-fid's .pth or the TorchScript .pt), or the default."""
+    model = fid_inception(inception_state_dict(path or default_weights()))
+    return model.to(device, memory_format=torch.channels_last)  # ~1.5x faster on CPU
+
+
+def inception_fingerprint(model):
+    """A short hash of the network's weights: cached statistics are only valid for the weights that made them."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# features, statistics and the Frechet distance
+# features and statistics
 
 
 def preprocess(images):
-    """uint8 images (N, H, W, C), C = 1 or 3 (or grey (N, H, W)) -> float (N, 3, 299, 299) in [-1, 1]."""
+    """uint8 images (N, H, W, C), C = 1 or 3 (or grey (N, H, W)) -> float (N, 3, H, W) in [0, 1], as InceptionV3 takes them."""
     channels = images.shape[-1] if images.dim() == 4 else 1
     if images.dtype != torch.uint8 or images.dim() not in (3, 4) or channels not in (1, 3):
         raise ValueError(f"images must be uint8 N x H x W x C with C = 1 or 3, got {images.dtype} "
                          f"{tuple(images.shape)}")
     x = images.unsqueeze(-1) if images.dim() == 3 else images
-    x = x.permute(0, 3, 1, 2).float().div(255).expand(-1, 3, -1, -1)  # (N, 3, H, W) in [0, 1], grey -> RGB
-    if x.shape[-2:] != (299, 299):
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-    return 2 * x - 1
+    x = x.permute(0, 3, 1, 2).float().div(255).expand(-1, 3, -1, -1)  # (N, 3, H, W), grey -> RGB
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def load_image_files(files):
@@ -315,49 +211,31 @@ def get_activations(images, model, batch_size=50, device="cpu"):
             batch = load_image_files(batch)
         batch = batch if torch.is_tensor(batch) else torch.from_numpy(np.ascontiguousarray(batch))
         with torch.no_grad():
-            x = preprocess(batch.to(device))  # (B, 3, 299, 299)
-            x = x.contiguous(memory_format=torch.channels_last)
-            features.append(model(x).double().cpu())  # (B, 2048)
+            pooled = model(preprocess(batch.to(device)))[0]  # (B, 2048, 1, 1), InceptionV3 returns a list
+            features.append(pooled.flatten(1).double().cpu())  # (B, 2048)
     return torch.cat(features).numpy()
+
+
+def statistics(features):
+    """Mean and covariance (float64) of features (N, D)."""
+    if len(features) < 2:
+        raise ValueError(f"a covariance needs at least 2 images, got {len(features)}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
 def calculate_activation_statistics(images, model, batch_size=50, device="cpu"):
     """Mean and covariance (float64) of the pool3 features of `images`."""
-    act = get_activations(images, model, batch_size, device)
-    if len(act) < 2:
-        raise ValueError(f"a covariance needs at least 2 images, got {len(act)}")
-    return act.mean(axis=0), np.cov(act, rowvar=False)
+    return statistics(get_activations(images, model, batch_size, device))
 
 
-def calculate_frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """d^2 = ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)) [2]."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
-                         f"{sigma2.shape}; were they made with the same feature network?")
-    diff = mu1 - mu2
-    with warnings.catch_warnings(record=True) as caught:  # scipy warns (old versions: inf/nan) when singular
-        warnings.simplefilter("always", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-    singular = any(issubclass(w.category, linalg.LinAlgWarning) for w in caught)
-    if singular or not np.isfinite(covmean).all():
-        warnings.warn(f"FID: singular product sigma1 sigma2; adding {eps} to the diagonal of both covariances")
-        offset = np.eye(len(mu1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):  # rounding gives a small imaginary part; a large one means a bad input
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"imaginary component {np.abs(covmean.imag).max():.3g} in sqrtm(sigma1 sigma2): "
-                             f"the covariances are not positive semi-definite")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def save_statistics(path, mu, sigma):
-    """Write mu and sigma (float64) to an .npz that pytorch-fid reads, atomically."""
+def save_statistics(path, mu, sigma, features=None):
+    """Write mu and sigma (float64), and features (float32) when given, to an .npz that pytorch-fid reads, atomically."""
+    arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
+    if features is not None:
+        arrays["features"] = np.asarray(features, np.float32)
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-        np.savez_compressed(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+        np.savez_compressed(f, **arrays)
     os.replace(tmp, path)
 
 
@@ -383,15 +261,73 @@ def load_statistics(path):
     return mu, sigma
 
 
-def fid_from_images(images, ref_stats_path, model, batch_size=50, device="cpu"):
-    """FID of uint8 images (N, H, W, C) against reference statistics (.npz) - what train.py logs."""
-    mu_ref, sigma_ref = load_statistics(ref_stats_path)  # fail before the expensive part
-    mu, sigma = calculate_activation_statistics(images, model, batch_size, device)
-    return calculate_frechet_distance(mu, sigma, mu_ref, sigma_ref)
+def load_features(path):
+    """The features (N, D) kept beside the statistics in an .npz, or None (pytorch-fid's files have none)."""
+    if "features" not in _npz_keys(path):
+        return None
+    with np.load(path) as f:
+        return f["features"]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# sources: folder, .npz, dataset name, checkpoint
+# improved precision and recall [4]
+
+
+def precision_recall(real_features, fake_features, k=NEIGHBOURS, device="cpu"):
+    """Improved precision and recall [4]: the share of fakes inside the real manifold, and of reals inside the fake one.
+
+    A set's manifold is the union of balls around its samples, each reaching the sample's k-th nearest neighbour
+    in the same set (Section 3, Eq. 1-2). Distances are computed in float32, a block of rows at a time.
+    """
+    real = torch.as_tensor(np.asarray(real_features), dtype=torch.float32, device=device)  # (N, D)
+    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float32, device=device)  # (M, D)
+    if real.dim() != 2 or fake.shape[1:] != real.shape[1:]:
+        raise ValueError(f"precision and recall need two feature sets (N, D) of one D, got {tuple(real.shape)} "
+                         f"and {tuple(fake.shape)}")
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision and recall with k = {k} need more than {k} samples in each set, got "
+                         f"{len(real)} real and {len(fake)} generated")
+
+    def distance_rows(a, b):  # ||a_i - b_j|| for blocks of rows i, (rows, len(b)) each: memory stays bounded
+        rows = max(1, DISTANCE_BLOCK // len(b))
+        for i in range(0, len(a), rows):
+            yield torch.cdist(a[i: i + rows], b)
+
+    def radii(x):  # distance from each sample to its k-th nearest neighbour in x; the sample itself is the 0th
+        return torch.cat([d.kthvalue(k + 1, dim=1).values for d in distance_rows(x, x)])  # (len(x),)
+
+    def share_inside(x, manifold):  # share of x inside at least one ball of the manifold
+        r = radii(manifold)
+        inside = torch.cat([(d <= r).any(dim=1) for d in distance_rows(x, manifold)])  # (len(x),) bool
+        return inside.sum().item() / len(inside)
+
+    return {"precision": share_inside(fake, real), "recall": share_inside(real, fake)}
+
+
+def fid_precision_recall(stats, reference, k=NEIGHBOURS, device="cpu"):
+    """{"fid", "precision", "recall"} of stats (mu, sigma, features) against a reference (mu, sigma, features).
+
+    Precision and recall are None when either side has no features (a pytorch-fid statistics file) or k or fewer.
+    """
+    (mu, sigma, features), (mu_ref, sigma_ref, features_ref) = stats, reference
+    if mu.shape != mu_ref.shape:
+        raise ValueError(f"statistics do not match: mu {mu.shape} vs {mu_ref.shape}; were they made with the same "
+                         f"feature network?")
+    scores = {"fid": float(calculate_frechet_distance(mu, sigma, mu_ref, sigma_ref)), "precision": None, "recall": None}
+    if features is not None and features_ref is not None and min(len(features), len(features_ref)) > k:
+        scores |= precision_recall(features_ref, features, k, device)
+    return scores
+
+
+def fid_from_images(images, ref_stats_path, model, batch_size=50, device="cpu"):
+    """{"fid", "precision", "recall"} of uint8 images (N, H, W, C) against a reference .npz - what train.py logs."""
+    reference = (*load_statistics(ref_stats_path), load_features(ref_stats_path))  # fail before the expensive part
+    features = get_activations(images, model, batch_size, device)
+    return fid_precision_recall((*statistics(features), features), reference, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sources: folder, .npz, dataset name, checkpoint; reference statistics cached
 
 
 def load_images(source, num_samples=None, data_dir="data", batch_size=50, device="cpu", seed=0):
@@ -414,8 +350,6 @@ def load_images(source, num_samples=None, data_dir="data", batch_size=50, device
         n = num_samples or CHECKPOINT_SAMPLES
         return drift.generate_images(model, n, batch_size=batch_size, device=device, seed=seed)
     elif source.split(":")[0] in DATASETS:
-        import torchvision
-
         name, _, split = source.partition(":")
         if split not in ("", "train", "test"):
             raise ValueError(f"unknown split {split!r} in {source}: use {name} (train) or {name}:test")
@@ -426,13 +360,41 @@ def load_images(source, num_samples=None, data_dir="data", batch_size=50, device
     return images[:num_samples]
 
 
+def _is_statistics(source):
+    return str(source).endswith(".npz") and "mu" in _npz_keys(source)
+
+
 def compute_statistics_of_path(source, model, batch_size=50, device="cpu", num_samples=None, data_dir="data"):
-    """(mu, sigma) of any source; an .npz of statistics is read as it is."""
+    """(mu, sigma, features) of any source; an .npz of statistics is read as it is (features None if it has none)."""
+    if _is_statistics(source):
+        return (*load_statistics(source), load_features(source))
+    features = get_activations(load_images(source, num_samples, data_dir, batch_size, device), model, batch_size,
+                               device)
+    return (*statistics(features), features)
+
+
+def reference_statistics(source, model, num_samples=None, cache_dir="cache", data_dir="data", batch_size=50,
+                         device="cpu"):
+    """Path of an .npz (mu, sigma, features) of a reference source, computed the first time only.
+
+    The file is named by the source (dataset name and split, or the file with its size and modification time),
+    the sample count and a fingerprint of the Inception weights. A statistics .npz is returned as it is.
+    """
     source = str(source)
-    if source.endswith(".npz") and "mu" in _npz_keys(source):
-        return load_statistics(source)
-    images = load_images(source, num_samples, data_dir, batch_size, device)
-    return calculate_activation_statistics(images, model, batch_size, device)
+    if _is_statistics(source):
+        return source
+    if source in DATASETS:
+        source += ":train"  # mnist and mnist:train are the same images
+    key = [source, num_samples, inception_fingerprint(model)]
+    if os.path.exists(source):
+        key += [os.path.abspath(source), os.path.getsize(source), os.path.getmtime(source)]
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(source).stem if os.path.exists(source) else source).strip("-")
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"fid-ref-{slug}-{num_samples or 'all'}-{digest}.npz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_statistics(path, *compute_statistics_of_path(source, model, batch_size, device, num_samples, data_dir))
+    return str(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -538,11 +500,13 @@ def plot_fid_vs_time(jsonl_paths, out_png, title="FID against training wall-cloc
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="FID between two sources (folder, .npz images or statistics, "
-                                     "dataset name, .pt checkpoint), reference statistics, or FID-vs-time plots")
-    parser.add_argument("paths", nargs="*", help="two sources; with --save-stats: source and output .npz; "
-                        "with --plot: train.py JSONL logs")
-    parser.add_argument("--save-stats", action="store_true", help="write the statistics of PATH1 to PATH2 (.npz)")
+    parser = argparse.ArgumentParser(description="FID, precision and recall between two sources (folder, .npz "
+                                     "images or statistics, dataset name, .pt checkpoint), reference statistics, "
+                                     "or FID-vs-time plots")
+    parser.add_argument("paths", nargs="*", help="two sources, generated then reference; with --save-stats: source "
+                        "and output .npz; with --plot: train.py JSONL logs")
+    parser.add_argument("--save-stats", action="store_true", help="write the statistics and features of PATH1 to "
+                        "PATH2 (.npz)")
     parser.add_argument("--plot", action="store_true", help="plot FID against training time from JSONL logs")
     parser.add_argument("--out", default="fid_vs_time.png", help="PNG written by --plot")
     parser.add_argument("--inception", default=None, help="Inception weights: pytorch-fid .pth or TorchScript .pt "
@@ -561,16 +525,19 @@ def main(argv=None):
         if len(args.paths) != 2:
             parser.error("give two paths: SOURCE SOURCE, or --save-stats SOURCE OUT.npz, or --plot LOG...")
         sources = args.paths[:1] if args.save_stats else args.paths
-        is_stats = lambda p: p.endswith(".npz") and "mu" in _npz_keys(p)  # noqa: E731
-        model = None if all(map(is_stats, sources)) else load_inception(args.inception, args.device)
+        model = None if all(map(_is_statistics, sources)) else load_inception(args.inception, args.device)
         stats = lambda p: compute_statistics_of_path(p, model, args.batch_size, args.device,  # noqa: E731
                                                      args.num_samples, args.data_dir)
         if args.save_stats:
             save_statistics(args.paths[1], *stats(args.paths[0]))
             print(f"wrote {args.paths[1]}")
             return
-        (mu1, sigma1), (mu2, sigma2) = stats(args.paths[0]), stats(args.paths[1])
-        print(f"FID: {calculate_frechet_distance(mu1, sigma1, mu2, sigma2):.4f}")
+        scores = fid_precision_recall(stats(args.paths[0]), stats(args.paths[1]), device=args.device)
+        if scores["precision"] is None:
+            print(f"FID: {scores['fid']:.4f}  precision: n/a  recall: n/a  (they need the features of both sources; "
+                  f"a statistics file without them: rewrite it with --save-stats)")
+        else:
+            print(f"FID: {scores['fid']:.4f}  precision: {scores['precision']:.4f}  recall: {scores['recall']:.4f}")
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 
