@@ -13,14 +13,18 @@ Benchmarks for drift.py, with numbers anyone can reproduce on their own machine:
 
 Times are medians over --repeats runs, the candidates run interleaved so that a noisy machine slows them
 alike; ratios are taken between numbers measured side by side. CUDA is used with --device cuda.
+Every flag is a name in the defaults block below (underscores become dashes).
 """
 
 import argparse
+import copy
 import json
 import math
 import multiprocessing
 import os
 import platform
+import re
+import statistics
 import tempfile
 import time
 
@@ -31,8 +35,9 @@ import drift
 
 # -----------------------------------------------------------------------------------------------------------
 # defaults (the DriftXpress CIFAR-10 setting: batch 1000, 500 landmarks and 5,000 samples per class)
-sections = "fields,memory,fidelity,step"
-device = "cpu"
+_before = set(globals())
+sections = "fields,memory,fidelity,step"  # comma list of fields,memory,fidelity,step
+device = "cpu"  # cpu | cuda
 threads = 0  # torch threads; 0 = torch's default
 repeats = 7  # timed runs per candidate; the median is reported
 shapes = "1000x1000x768,256x256x768,4096x4096x768"  # N x Np x D for the field micro-benchmark
@@ -44,18 +49,21 @@ memory_budget_gib = 1.0  # "the largest N that fits in this many GiB beyond the 
 data_dir = "data"  # torchvision layout: MNIST/raw, FashionMNIST/raw, cifar10-partial/cifar10_partial.npz
 datasets = "mnist,fashion-mnist,cifar10-partial"  # or "synthetic": clustered Gaussians, no files needed
 encoder = "resnet18-random"  # resnet18-random (fixed random init, up to layer3, global mean) | pixels
-positives_per_class = 5000
-queries_per_class = 100  # a batch of 1000 over 10 classes
-landmark_counts = "50,100,200,500"
-strategies = "random,kmeans"
-fidelity_temperatures = "0.02,0.05,0.2"
+positives_per_class = 5000  # Np real positives per class (fidelity)
+queries_per_class = 100  # held-out queries per class: a batch of 1000 over 10 classes
+landmark_counts = "50,100,200,500"  # M per class (fidelity)
+strategies = "random,kmeans"  # landmark strategies (fidelity)
+fidelity_temperatures = "0.02,0.05,0.2"  # temperatures of the fidelity table
 feature_cache = ""  # folder to keep encoded features between runs ("" = none)
 step_steps = 5  # train.py steps timed per field
 step_images = 6000  # training images kept for the step benchmark (a step's cost does not depend on it)
+_defaults = {k: v for k, v in globals().items() if k not in _before and not k.startswith("_")}
+CHOICES = {"queries": ("data", "far"), "encoder": ("resnet18-random", "pixels")}
+SECTIONS = ("fields", "memory", "fidelity", "step")
 
 
 # -----------------------------------------------------------------------------------------------------------
-# timing
+# timing and tables
 
 def sync(dev):
     if dev.type == "cuda":
@@ -68,7 +76,6 @@ def measure(candidates, repeats, dev):
     on the CPU: under load from other programs it is steadier than wall time."""
     for fn in candidates.values():
         fn()
-    sync(dev)
     wall, cpu = {k: [] for k in candidates}, {k: [] for k in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
@@ -78,29 +85,31 @@ def measure(candidates, repeats, dev):
             sync(dev)
             wall[name].append(1e3 * (time.perf_counter() - w))
             cpu[name].append(1e3 * (time.process_time() - c))
-    return {k: (float(np.median(wall[k])), float(np.median(cpu[k]))) for k in candidates}
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in candidates}
 
 
 def machine():
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    return info
 
 
 def table(rows, columns):
-    """A fixed-width text table of dict rows."""
-    cells = [[c for c, _ in columns]] + [[fmt.format(r[c]) if r.get(c) is not None else "-" for c, fmt in columns]
-                                        for r in rows]
+    """A fixed-width text table of dict rows; columns: [(key, format)], a missing value prints as '-'."""
+    cells = [[key for key, _ in columns]]
+    cells += [[fmt.format(r[key]) if r.get(key) is not None else "-" for key, fmt in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)
 
 
-# -----------------------------------------------------------------------------------------------------------
-# 1) fields against their floor
+def relative_error(v, ref):
+    """max |v - ref| / max |ref|, in float64."""
+    return ((v.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
 
 def clustered(n, dim, gen, clusters=20):
     """Points around `clusters` centres: distances spread like features of real classes do."""
@@ -108,19 +117,35 @@ def clustered(n, dim, gen, clusters=20):
     return centres[torch.randint(0, clusters, (n,), generator=gen)] + torch.randn(n, dim, generator=gen)
 
 
+# -----------------------------------------------------------------------------------------------------------
+# 1) fields against their floor
+
 def algorithm2_reference(x, y_pos, temperature, dtype):
-    """Algorithm 2 of [Deng et al.] written plainly (negatives = the queries, self masked), in `dtype`."""
+    """Algorithm 2 of [Deng et al.] written plainly in `dtype`, negatives = the queries, self masked (the
+    general form, with other negatives and CFG weights, is the reference of tests/test_fields.py)."""
     x, y_pos = x.to(dtype), y_pos.to(dtype)
-    y = torch.cat([y_pos, x])
-    logits = -torch.cdist(x, y) / temperature
+    logits = -torch.cdist(x, torch.cat([y_pos, x])) / temperature
     logits[:, len(y_pos):].fill_diagonal_(-math.inf)
     a = (logits.softmax(-1) * logits.softmax(-2)).sqrt()
     a_pos, a_neg = a[:, :len(y_pos)], a[:, len(y_pos):]
     return (a_pos * a_neg.sum(-1, keepdim=True)) @ y_pos - (a_neg * a_pos.sum(-1, keepdim=True)) @ x
 
 
-def relative_error(v, ref):
-    return ((v.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+FIELD_FLOORS = {"exact": "exact floor", "one-sided": "exact floor", "projected": "projected floor",
+                "exact attraction": "attraction floor", "projected attraction": "proj. attraction floor"}
+FIELD_COLUMNS = [("shape", "{}"), ("T", "{:g}"), ("field", "{}"), ("M", "{}"), ("ms", "{:.1f}"), ("gflops", "{:.0f}"),
+                 ("floor_ms", "{:.1f}"), ("x_floor", "{:.2f}"), ("x_floor_cpu", "{:.2f}"), ("vs_exact", "{:.2f}"),
+                 ("peak_mib", "{:.0f}"), ("err_vs_float64", "{:.1e}"), ("naive_float32_err", "{:.1e}")]
+
+
+def cuda_peak_mib(fn):
+    """Peak CUDA memory of one call beyond what was allocated before it (CPU peaks: see the memory section)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def bench_fields(args, dev):
@@ -133,16 +158,19 @@ def bench_fields(args, dev):
         scale = drift.feature_scale(x, torch.cat([x, y_pos]))
         x, y_pos = (x / scale).to(dev), (y_pos / scale).to(dev)  # normalised as drift_loss does
         m = min(args.landmarks, n_pos)
-        u = y_pos[torch.randperm(n_pos, generator=gen)[:m].to(dev)]
+        u = y_pos[torch.randperm(n_pos, generator=gen)[:m].to(dev)]  # (M, D)
         zero = torch.zeros_like(x[:1])  # a negative at the origin: mean_shift_field(x, y, zero) = b_pos(x)
-        y_exact = torch.cat([y_pos, x])  # the columns the exact field sees
+        y_exact = torch.cat([y_pos, x])  # (Np + N, D): the columns the exact field sees
         # floor operands: a distance product and an aggregation product of the same shapes as each field's
         a_exact, a_pos, a_self, a_land = (torch.rand(n, k, generator=gen).to(dev) for k in (n + n_pos, n_pos, n, m))
-        u_summ = torch.randn(m, dim + 1, generator=gen).to(dev)
+        u_summ = torch.randn(m, dim + 1, generator=gen).to(dev)  # folded summaries [S, s]
 
-        def products(y, a, rhs):  # the two products: distances (baddbmm, as pairwise_distance) and aggregation
+        def products(y, a, rhs):  # distances (baddbmm, as pairwise_distance) and aggregation
             return torch.baddbmm(y[:, :1].mT.unsqueeze(0), x.unsqueeze(0), y.mT.unsqueeze(0), alpha=-2), a @ rhs
 
+        flops = {"exact": 4 * n * (n + n_pos) * dim, "one-sided": 4 * n * (n + n_pos) * dim,
+                 "projected": 2 * n * m * (2 * dim + 1) + 4 * n * n * dim, "exact attraction": 4 * n * n_pos * dim,
+                 "projected attraction": 2 * n * m * (2 * dim + 1)}
         for t in (float(s) for s in args.temperatures.split(",")):
             t_eff = t * math.sqrt(dim)
             nys = drift.NystromField(u, t_eff).fit(y_pos)
@@ -158,37 +186,28 @@ def bench_fields(args, dev):
                 "proj. attraction floor": lambda: products(u, a_land, u_summ),
             }
             times = measure(candidates, args.repeats, dev)
-            flops = {"exact": 4 * n * (n + n_pos) * dim, "one-sided": 4 * n * (n + n_pos) * dim,
-                     "projected": 2 * n * m * (2 * dim + 1) + 4 * n * n * dim, "exact attraction": 4 * n * n_pos * dim,
-                     "projected attraction": 2 * n * m * (2 * dim + 1)}
-            floors = {"exact": "exact floor", "one-sided": "exact floor", "projected": "projected floor",
-                      "exact attraction": "attraction floor", "projected attraction": "proj. attraction floor"}
-            for name, floor in floors.items():
+            for name, floor in FIELD_FLOORS.items():
                 (wall, cpu), (floor_wall, floor_cpu) = times[name], times[floor]
-                peak = None
-                if dev.type == "cuda":  # CPU peaks need a fresh process each: see the memory section
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    before = torch.cuda.memory_allocated()
-                    candidates[name]()
-                    torch.cuda.synchronize()
-                    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+                exact = "exact" if name in ("exact", "one-sided", "projected") else "exact attraction"
                 rows.append({"shape": shape, "M": m if "projected" in name else None, "T": t, "field": name,
                              "ms": wall, "gflops": flops[name] / wall / 1e6, "floor_ms": floor_wall,
-                             "x_floor": wall / floor_wall, "x_floor_cpu": cpu / floor_cpu, "peak_mib": peak,
-                             "vs_exact": times["exact"][0] / wall if name in ("exact", "one-sided", "projected")
-                             else times["exact attraction"][0] / wall})
+                             "x_floor": wall / floor_wall, "x_floor_cpu": cpu / floor_cpu,
+                             "vs_exact": times[exact][0] / wall,
+                             "peak_mib": cuda_peak_mib(candidates[name]) if dev.type == "cuda" else None})
             if n * (n + n_pos) <= 4096 * 8192:  # the float64 reference needs a few (N, N+Np) matrices
                 v = drift.drift_field(x, y_pos, None, t_eff).cpu()
-                err64 = relative_error(v, algorithm2_reference(x.cpu(), y_pos.cpu(), t_eff, torch.float64))
-                err32 = relative_error(algorithm2_reference(x.cpu(), y_pos.cpu(), t_eff, torch.float32),
-                                       algorithm2_reference(x.cpu(), y_pos.cpu(), t_eff, torch.float64))
-                rows[-5].update(err_vs_float64=err64, naive_float32_err=err32)
+                ref = algorithm2_reference(x.cpu(), y_pos.cpu(), t_eff, torch.float64)
+                naive = algorithm2_reference(x.cpu(), y_pos.cpu(), t_eff, torch.float32)
+                rows[-5].update(err_vs_float64=relative_error(v, ref), naive_float32_err=relative_error(naive, ref))
     return rows
 
 
 # -----------------------------------------------------------------------------------------------------------
 # 2) memory
+
+MEMORY_COLUMNS = [("N=Np", "{}"), ("D", "{}"), ("distances_mib", "{:.0f}"), ("mode", "{}"), ("seconds", "{:.2f}"),
+                  ("peak_beyond_inputs_mib", "{:.0f}")]
+
 
 def _status_mib(field):
     for line in open("/proc/self/status"):
@@ -197,7 +216,7 @@ def _status_mib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _peak_memory_child(n, dim, device_name, chunk_size, threads):
+def _peak_memory_child(n, dim, device_name, threads):
     """In a fresh process: peak memory of one exact field at N = Np beyond its inputs and output. CPU: the
     peak resident set (VmHWM) reset just before the call (write 5 to /proc/self/clear_refs), minus the
     resident set before it, minus the output; an upper bound on what torch allocated, since memory freed
@@ -210,60 +229,79 @@ def _peak_memory_child(n, dim, device_name, chunk_size, threads):
     x, y_pos = x / scale, y_pos / scale
     output_mib = n * dim * 4 / 2**20
     if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
         start = time.perf_counter()
-        drift.drift_field(x, y_pos, None, 0.05 * math.sqrt(dim), chunk_size=chunk_size)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        peak = cuda_peak_mib(lambda: drift.drift_field(x, y_pos, None, 0.05 * math.sqrt(dim)))
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set
         base = _status_mib("VmRSS")
         start = time.perf_counter()
-        drift.drift_field(x, y_pos, None, 0.05 * math.sqrt(dim), chunk_size=chunk_size)
-        seconds = time.perf_counter() - start
+        drift.drift_field(x, y_pos, None, 0.05 * math.sqrt(dim))
         peak = _status_mib("VmHWM") - base
+    seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_beyond_inputs_mib": peak - output_mib, "output_mib": output_mib}
 
 
 def bench_memory(args, dev):
+    """Returns (rows, summary), or None where the peak cannot be measured."""
     if dev.type == "cpu" and not os.path.exists("/proc/self/clear_refs"):
         print("memory: skipped (needs Linux /proc/self/clear_refs to reset the peak resident set)")
-        return []
+        return None
     rows, ctx = [], multiprocessing.get_context("spawn")
     dim = 768 if not args.quick else 64
     for n in (int(s) for s in args.memory_sizes.split(",")):
         whole = 4 * n * 2 * n <= drift.FIELD_MEMORY  # are the distances kept whole?
         with ctx.Pool(1) as pool:  # a fresh process per size: peaks never mix
-            r = pool.apply(_peak_memory_child, (n, dim, dev.type, None, torch.get_num_threads()))
+            r = pool.apply(_peak_memory_child, (n, dim, dev.type, torch.get_num_threads()))
         rows.append({"N=Np": n, "D": dim, "distances_mib": 4 * n * 2 * n / 2**20,
                      "mode": "whole" if whole else f"chunks of {max(1, drift.FIELD_MEMORY // (8 * n))}", **r})
-    # the largest N within the budget. Whole distances take 8 N^2 bytes (N x 2N float32); the rest grows like
-    # N (points, centred copies, output), its slope read off the largest whole-mode run. Chunked, the distances
-    # take FIELD_MEMORY at most, so the peak is about FIELD_MEMORY + slope * N.
-    budget, whole_rows = args.memory_budget_gib * 1024, [r for r in rows if r["mode"] == "whole"]
+    # The largest N within the budget. Whole, the distances take 8 N^2 bytes (N x 2N float32) and the rest
+    # grows like N (points, centred copies, output): its slope is read off the largest whole-mode run.
+    # Chunked, the distances take FIELD_MEMORY at most, so the peak is about FIELD_MEMORY + slope * N.
+    budget_mib, field_mib = args.memory_budget_gib * 1024, drift.FIELD_MEMORY / 2**20
+    whole_rows = [r for r in rows if r["mode"] == "whole"]
     largest = None
     if whole_rows:
         r = whole_rows[-1]
         slope = max(r["peak_beyond_inputs_mib"] - r["distances_mib"], 1e-6) / r["N=Np"]  # MiB per query
-        largest = int((budget - drift.FIELD_MEMORY / 2**20) / slope) if budget > drift.FIELD_MEMORY / 2**20 else \
-            int(math.sqrt(budget * 2**20 / 8))
+        if budget_mib > field_mib:
+            largest = int((budget_mib - field_mib) / slope)
+        else:
+            largest = int(math.sqrt(budget_mib * 2**20 / 8))
     # a chunked field gives the same result as the whole one
     gen = torch.Generator().manual_seed(1)
     x, y_pos = clustered(300, 32, gen).to(dev), clustered(200, 32, gen).to(dev)
     t = 0.05 * math.sqrt(32) * drift.feature_scale(x, y_pos).item()
     chunk_err = relative_error(drift.drift_field(x, y_pos, None, t, chunk_size=37), drift.drift_field(x, y_pos, None, t))
-    fits = [r["N=Np"] for r in rows if r["peak_beyond_inputs_mib"] <= budget]
+    fits = [r["N=Np"] for r in rows if r["peak_beyond_inputs_mib"] <= budget_mib]
     return rows, {"budget_gib": args.memory_budget_gib, "largest_N_in_budget_model": largest,
                   "largest_N_measured_in_budget": max(fits) if fits else None, "chunk_vs_whole_err": chunk_err,
-                  "field_memory_mib": drift.FIELD_MEMORY / 2**20}
+                  "field_memory_mib": field_mib}
 
 
 # -----------------------------------------------------------------------------------------------------------
 # 3) fidelity of the projected attraction on real features
+
+FIDELITY_COLUMNS = [("dataset", "{}"), ("D", "{}"), ("Np", "{}"), ("T", "{:g}"), ("strategy", "{}"), ("M", "{}"),
+                    ("exact_ms", "{:.1f}"), ("projected_ms", "{:.2f}"), ("speedup", "{:.1f}"), ("speedup_cpu", "{:.1f}"),
+                    ("attr_cos", "{:.4f}"), ("attr_rel_l2", "{:.3f}"), ("cos", "{:.4f}"), ("rel_l2", "{:.3f}"),
+                    ("target_mse", "{:.2e}"), ("cos_unfolded", "{:.4f}"), ("cos_float64", "{:.4f}"),
+                    ("float32_vs_float64", "{:.1e}")]
+MNIST_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+def link_raw(root, name, tmp):
+    """Link root/FOLDER/raw into tmp and return tmp: torchvision extracts the .gz files next to them, so it
+    works on the links and never writes into the data folder."""
+    folder = MNIST_FOLDERS[name]
+    raw = os.path.join(root, folder, "raw")
+    if not os.path.isdir(raw):
+        raise SystemExit(f"error: {raw} not found: pass --data-dir with the data, or --datasets synthetic")
+    os.makedirs(os.path.join(tmp, folder, "raw"), exist_ok=True)
+    for f in os.listdir(raw):
+        os.symlink(os.path.abspath(os.path.join(raw, f)), os.path.join(tmp, folder, "raw", f))
+    return tmp
+
 
 def load_images(name, root, train):
     """uint8 images [n, C, H, W] and labels [n] from the torchvision layout under root (no download)."""
@@ -275,16 +313,9 @@ def load_images(name, root, train):
         x, y = (d["x_train"], d["y_train"]) if train else (d["x_test"], d["y_test"])
         return torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(y).long()
     import torchvision
-    folder = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name]
-    raw = os.path.join(root, folder, "raw")
-    if not os.path.isdir(raw):
-        raise SystemExit(f"error: {raw} not found: pass --data-dir with the data, or --datasets synthetic")
-    with tempfile.TemporaryDirectory() as tmp:  # torchvision extracts next to raw/: work on a linked copy
-        os.makedirs(os.path.join(tmp, folder, "raw"))
-        for f in os.listdir(raw):
-            os.symlink(os.path.abspath(os.path.join(raw, f)), os.path.join(tmp, folder, "raw", f))
-        cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
-        ds = cls(tmp, train=train, download=True)
+    cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = cls(link_raw(root, name, tmp), train=train, download=True)
         return ds.data.unsqueeze(1).clone(), ds.targets.clone()
 
 
@@ -306,9 +337,12 @@ def class_features(args, name):
     if name == "synthetic":
         gen, dim, k = torch.Generator().manual_seed(2), 64, 10
         centres = torch.randn(k, 8, dim, generator=gen) * 1.5  # each class: 8 clusters
-        pick = lambda n: torch.stack([c[torch.randint(0, 8, (n,), generator=gen)] for c in centres])
-        pos = pick(args.positives_per_class) + torch.randn(k, args.positives_per_class, dim, generator=gen)
-        return pos, pick(args.queries_per_class) + torch.randn(k, args.queries_per_class, dim, generator=gen)
+
+        def draw(n):  # (K, n, dim)
+            picked = torch.stack([c[torch.randint(0, 8, (n,), generator=gen)] for c in centres])
+            return picked + torch.randn(k, n, dim, generator=gen)
+
+        return draw(args.positives_per_class), draw(args.queries_per_class)
     path = args.feature_cache and os.path.join(
         args.feature_cache, f"{name}-{args.encoder}-{args.positives_per_class}-{args.queries_per_class}.pt")
     if path and os.path.exists(path):
@@ -339,11 +373,29 @@ def nystrom_float64_attraction(field, x):
     return torch.where(den > field.min_density, (phi @ field.S) / den, fallback).float()
 
 
-FIDELITY_COLUMNS = [("dataset", "{}"), ("D", "{}"), ("Np", "{}"), ("T", "{:g}"), ("strategy", "{}"), ("M", "{}"),
-                    ("exact_ms", "{:.1f}"), ("projected_ms", "{:.2f}"), ("speedup", "{:.1f}"), ("speedup_cpu", "{:.1f}"),
-                    ("attr_cos", "{:.4f}"), ("attr_rel_l2", "{:.3f}"), ("cos", "{:.4f}"), ("rel_l2", "{:.3f}"),
-                    ("target_mse", "{:.2e}"), ("cos_unfolded", "{:.4f}"), ("cos_float64", "{:.4f}"),
-                    ("float32_vs_float64", "{:.1e}")]
+def fidelity_row(x, y_pos, u, t_eff, repeats, dev):
+    """Projected against exact attraction of the queries x [K, Nq, C] to the positives y_pos [K, Np, C] with
+    landmarks u [K, M, C] at temperature t_eff: times, and the field_fidelity of attraction and field."""
+    zero = torch.zeros_like(x[:, :1])  # a negative at the origin: mean_shift_field(x, y, zero) = b_pos(x)
+    b_exact = drift.mean_shift_field(x, y_pos, zero, t_eff)  # exact attraction over all positives
+    b_neg = b_exact - drift.mean_shift_field(x, y_pos, None, t_eff)  # exact repulsion of the batch
+    start = time.perf_counter()
+    field = drift.NystromField(u, t_eff).fit(y_pos)
+    row = {"fit_s": time.perf_counter() - start}
+    times = measure({"exact": lambda: drift.mean_shift_field(x, y_pos, zero, t_eff),
+                     "projected": lambda: field.attraction(x)}, repeats, dev)
+    row.update(exact_ms=times["exact"][0], projected_ms=times["projected"][0],
+               speedup=times["exact"][0] / times["projected"][0], speedup_cpu=times["exact"][1] / times["projected"][1])
+    b_proj = field.attraction(x)
+    attraction = drift.field_fidelity(b_proj - x, b_exact - x)
+    row.update(attr_cos=attraction["cos"], attr_rel_l2=attraction["rel_l2"])
+    row.update(drift.field_fidelity(b_proj - b_neg, b_exact - b_neg))  # cos, rel_l2, target_mse
+    unfolded = drift.NystromField(u, t_eff, folded=False).fit(y_pos)
+    row["cos_unfolded"] = drift.field_fidelity(unfolded.attraction(x) - b_neg, b_exact - b_neg)["cos"]
+    b_64 = nystrom_float64_attraction(field, x)  # the same projection without float32 rounding
+    row["cos_float64"] = drift.field_fidelity(b_64 - b_neg, b_exact - b_neg)["cos"]
+    row["float32_vs_float64"] = drift.field_fidelity(b_proj - b_neg, b_64 - b_neg)["rel_l2"]
+    return row
 
 
 def bench_fidelity(args, dev):
@@ -358,39 +410,16 @@ def bench_fidelity(args, dev):
         flat = y_pos.reshape(-1, dim)
         scale = drift.feature_scale(flat[::7][:4000], flat[::5][:4000])
         y_pos, x = (y_pos / scale).to(dev), (x / scale).to(dev)  # normalised units, as drift_loss uses
-        zero = torch.zeros_like(x[:, :1])
+        labels = torch.arange(k).repeat_interleave(n_pos)
         print(f"fidelity: {name}: {k} classes x {n_pos} positives, {x.shape[1]} queries each, D={dim} "
               f"({args.encoder if name != 'synthetic' else 'synthetic'}; {time.perf_counter() - start:.0f} s to load)")
         for strategy in args.strategies.split(","):
-            for m in (int(s) for s in args.landmark_counts.split(",")):
-                if m > n_pos:
-                    continue
+            for m in (int(s) for s in args.landmark_counts.split(",") if int(s) <= n_pos):
                 gen = torch.Generator().manual_seed(0)
-                labels = torch.arange(k).repeat_interleave(n_pos)
                 u = drift.select_landmarks(flat.to(dev) / scale, m, strategy, labels, gen)  # (K, M, C)
                 for t in (float(s) for s in args.fidelity_temperatures.split(",")):
-                    t_eff = t * math.sqrt(dim)
-                    b_exact = drift.mean_shift_field(x, y_pos, zero, t_eff)  # exact attraction over all positives
-                    b_neg = b_exact - drift.mean_shift_field(x, y_pos, None, t_eff)  # exact repulsion of the batch
-                    begin = time.perf_counter()
-                    field = drift.NystromField(u, t_eff).fit(y_pos)
-                    fit_s = time.perf_counter() - begin
-                    unfolded = drift.NystromField(u, t_eff, folded=False)
-                    unfolded.__dict__.update(s=field.s, S=field.S, folded_summaries=None)
-                    times = measure({"exact": lambda: drift.mean_shift_field(x, y_pos, zero, t_eff),
-                                     "projected": lambda: field.attraction(x)}, args.repeats, dev)
-                    b_proj = field.attraction(x)
-                    row = {"dataset": name, "D": dim, "Np": n_pos, "T": t, "strategy": strategy, "M": m, "fit_s": fit_s,
-                           "exact_ms": times["exact"][0], "projected_ms": times["projected"][0],
-                           "speedup": times["exact"][0] / times["projected"][0],
-                           "speedup_cpu": times["exact"][1] / times["projected"][1]}
-                    attraction = drift.field_fidelity(b_proj - x, b_exact - x)
-                    row.update(attr_cos=attraction["cos"], attr_rel_l2=attraction["rel_l2"])
-                    row.update(drift.field_fidelity(b_proj - b_neg, b_exact - b_neg))
-                    row["cos_unfolded"] = drift.field_fidelity(unfolded.attraction(x) - b_neg, b_exact - b_neg)["cos"]
-                    b_64 = nystrom_float64_attraction(field, x)  # the same projection without float32 rounding
-                    row["cos_float64"] = drift.field_fidelity(b_64 - b_neg, b_exact - b_neg)["cos"]
-                    row["float32_vs_float64"] = drift.field_fidelity(b_proj - b_neg, b_64 - b_neg)["rel_l2"]
+                    row = {"dataset": name, "D": dim, "Np": n_pos, "T": t, "strategy": strategy, "M": m,
+                           **fidelity_row(x, y_pos, u, t * math.sqrt(dim), args.repeats, dev)}
                     rows.append(row)
                     print(f"  {strategy} M={m} T={t:g}: {row['speedup']:.1f}x faster, attraction cos "
                           f"{row['attr_cos']:.4f}, field cos {row['cos']:.4f}", flush=True)
@@ -400,25 +429,66 @@ def bench_fidelity(args, dev):
 # -----------------------------------------------------------------------------------------------------------
 # 4) a training step of train.py, piece by piece
 
-class Timed(torch.nn.Module):
-    """Wraps a module and adds the (synchronised) seconds of each call to a shared counter."""
+STEP_COLUMNS = [("field", "{}"), ("dataset", "{}"), ("encoder", "{}"), ("model", "{}"), ("batch", "{}"),
+                ("generator_ms", "{:.1f}"), ("encoder_ms", "{:.1f}"), ("field_ms", "{:.1f}"), ("backward_ms", "{:.1f}"),
+                ("optimizer_ms", "{:.1f}"), ("other_ms", "{:.1f}"), ("step_ms", "{:.1f}"), ("field_share", "{:.0%}")]
 
-    def __init__(self, module, clock, name):
-        super().__init__()
-        self.module, self.clock, self.name = module, clock, name
 
-    def forward(self, *a, **k):
-        sync(self.clock["device"])
+class Timed:
+    """Calls fn and adds its synchronised wall seconds to clock[name]. train.drift_step reaches the generator's
+    methods through .module, as it would through DistributedDataParallel."""
+
+    def __init__(self, fn, clock, name, dev):
+        self.module, self.clock, self.name, self.dev = fn, clock, name, dev
+
+    def __call__(self, *args, **kwargs):
+        sync(self.dev)
         start = time.perf_counter()
-        out = self.module(*a, **k)
-        sync(self.clock["device"])
+        out = self.module(*args, **kwargs)
+        sync(self.dev)
         self.clock[self.name] += time.perf_counter() - start
         return out
 
 
+def time_steps(targs, model, encoder, by_class, feats, scales, fields, steps, dev):
+    """train.py's own step (train.drift_step) with the generator, the encoder and drift.drift_loss timed
+    apart, then backward and the optimizer (clip, AdamW, EMA). Returns a list of {part: seconds}, one a step,
+    after one warm-up step."""
+    import train
+    ema_model = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=targs.lr, betas=(0.9, 0.95), weight_decay=targs.weight_decay)
+    clock = {"generator": 0.0, "encoder": 0.0, "field": 0.0}
+    timed_model, timed_encoder = Timed(model, clock, "generator", dev), Timed(encoder, clock, "encoder", dev)
+    gen, records = torch.Generator().manual_seed(0), []
+    drift_loss = drift.drift_loss
+    drift.drift_loss = Timed(drift_loss, clock, "field", dev)  # train.drift_step calls it as drift.drift_loss
+    try:
+        for i in range(steps + 1):
+            clock.update(generator=0.0, encoder=0.0, field=0.0)
+            sync(dev)
+            t0 = time.perf_counter()
+            loss, _ = train.drift_step(targs, timed_model, timed_encoder, by_class, feats, scales, fields, gen, dev,
+                                       torch.autocast(dev.type, enabled=False))
+            sync(dev)
+            t1 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sync(dev)
+            t2 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), targs.grad_clip)
+            opt.step()
+            train.update_ema(ema_model, model, targs.ema)
+            sync(dev)
+            t3 = time.perf_counter()
+            if i > 0:  # the first step is a warm-up
+                records.append({**clock, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0})
+    finally:
+        drift.drift_loss = drift_loss
+    return records
+
+
 def bench_step(args, dev):
-    """train.py's own step (train.drift_step), its generator and encoder wrapped in timers and drift.drift_loss
-    timed by a wrapper, then backward and the optimizer (clip, AdamW, EMA) timed apart; train.py's defaults."""
+    """One step of train.py with its defaults, for both fields, on MNIST (--quick: train.py's fake data)."""
     try:
         import train
     except ImportError as e:
@@ -426,81 +496,32 @@ def bench_step(args, dev):
         return None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        data = ["--dataset", "fake", "--landmarks", "16"] if args.quick else ["--dataset", "mnist", "--download"]
+        if not args.quick:
+            link_raw(args.data_dir, "mnist", tmp)
         for field in ("exact", "nystrom"):
             targs = train.parse_args(["--field", field, "--data-dir", tmp, "--cache-dir", tmp, "--device", dev.type]
-                                     + (["--dataset", "fake", "--landmarks", "16"] if args.quick
-                                        else ["--dataset", "mnist", "--download"]))
-            if not args.quick:  # torchvision extracts the .gz files next to them: a linked copy in tmp
-                raw, link = os.path.join(args.data_dir, "MNIST", "raw"), os.path.join(tmp, "MNIST", "raw")
-                if not os.path.isdir(raw):
-                    raise SystemExit(f"error: {raw} not found: pass --data-dir with the data")
-                os.makedirs(link, exist_ok=True)
-                for f in os.listdir(raw):
-                    if f.endswith(".gz") and not os.path.exists(os.path.join(link, f)):
-                        os.symlink(os.path.abspath(os.path.join(raw, f)), os.path.join(link, f))
+                                     + data)
             images, labels = train.load_dataset(targs)
             keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.step_images]
             images, labels = images[keep], labels[keep]  # a step costs the same; the one-off summaries less
             by_class = [(labels == k).nonzero().squeeze(1) for k in range(int(labels.max()) + 1)]
+            # what train.train sets up before its first step
             targs.channels, targs.image_size, targs.num_classes = images.shape[1], images.shape[-1], len(by_class)
             targs.temperatures = tuple(targs.temperatures) or train.FIELD_TEMPERATURES[field]
             targs.data_hash = train.data_hash(images, labels)
             torch.manual_seed(0)
             encoder = train.make_encoder(targs, images, dev, 0)
             model = drift.generator_from_args(vars(targs)).to(dev)
-            ema_model = train.copy.deepcopy(model).requires_grad_(False)
-            opt = torch.optim.AdamW(model.parameters(), lr=targs.lr, betas=(0.9, 0.95), weight_decay=targs.weight_decay)
             feats, scales, fields = train.encode_dataset(targs, encoder, images, dev, 0), {}, {}
             if field == "nystrom":
                 scales, fields = train.build_fields(targs, feats, labels, len(by_class), dev, 0, 1)
-            clock = {"device": dev, "generator": 0.0, "encoder": 0.0, "field": 0.0}
-            loss_fn = drift.drift_loss
-
-            def timed_loss(*a, **k):
-                sync(dev)
-                start = time.perf_counter()
-                out = loss_fn(*a, **k)
-                sync(dev)
-                clock["field"] += time.perf_counter() - start
-                return out
-
-            gen_wrapped, enc_wrapped = Timed(model, clock, "generator"), Timed(encoder, clock, "encoder")
-            gen = torch.Generator().manual_seed(0)
-            totals = {"backward": [], "optimizer": [], "step": []}
-            parts = {"generator": [], "encoder": [], "field": []}
-            drift.drift_loss = timed_loss
-            try:
-                for i in range(args.step_steps + 1):  # the first step is a warm-up
-                    for k in parts:
-                        clock[k] = 0.0
-                    sync(dev)
-                    t0 = time.perf_counter()
-                    loss, _ = train.drift_step(targs, gen_wrapped, enc_wrapped, by_class, feats, scales,
-                                               fields, gen, dev, torch.autocast(dev.type, enabled=False))
-                    sync(dev)
-                    t1 = time.perf_counter()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    sync(dev)
-                    t2 = time.perf_counter()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), targs.grad_clip)
-                    opt.step()
-                    train.update_ema(ema_model, model, targs.ema)
-                    sync(dev)
-                    t3 = time.perf_counter()
-                    if i > 0:
-                        for k in parts:
-                            parts[k].append(1e3 * clock[k])
-                        totals["backward"].append(1e3 * (t2 - t1))
-                        totals["optimizer"].append(1e3 * (t3 - t2))
-                        totals["step"].append(1e3 * (t3 - t0))
-            finally:
-                drift.drift_loss = loss_fn
+            records = time_steps(targs, model, encoder, by_class, feats, scales, fields, args.step_steps, dev)
             row = {"field": field, "dataset": targs.dataset, "encoder": targs.encoder, "model": targs.model,
-                   "batch": f"{targs.classes_per_step}x{targs.gen_per_class}",
-                   **{f"{k}_ms": float(np.median(v)) for k, v in {**parts, **totals}.items()}}
-            row["other_ms"] = row["step_ms"] - sum(row[f"{k}_ms"] for k in ("generator", "encoder", "field", "backward",
-                                                                            "optimizer"))
+                   "batch": f"{targs.classes_per_step}x{targs.gen_per_class}"}
+            row.update({f"{k}_ms": 1e3 * statistics.median(r[k] for r in records) for k in records[0]})
+            parts = ("generator", "encoder", "field", "backward", "optimizer")
+            row["other_ms"] = row["step_ms"] - sum(row[f"{k}_ms"] for k in parts)
             row["field_share"] = row["field_ms"] / row["step_ms"]
             rows.append(row)
     return rows
@@ -509,29 +530,13 @@ def bench_step(args, dev):
 # -----------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
+    """The flags of the defaults block, with their comments as help; --quick shrinks every size."""
+    helps = dict(re.findall(r"^(\w+) = .*?  # (.*)$", open(__file__).read(), re.M))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes and synthetic data: a smoke test in seconds")
-    p.add_argument("--sections", default=sections, help="comma list of fields,memory,fidelity,step")
-    p.add_argument("--device", default=device)
-    p.add_argument("--threads", type=int, default=threads)
-    p.add_argument("--repeats", type=int, default=repeats)
-    p.add_argument("--shapes", default=shapes)
-    p.add_argument("--temperatures", default=temperatures)
-    p.add_argument("--queries", default=queries, choices=("data", "far"))
-    p.add_argument("--landmarks", type=int, default=landmarks)
-    p.add_argument("--memory-sizes", default=memory_sizes)
-    p.add_argument("--memory-budget-gib", type=float, default=memory_budget_gib)
-    p.add_argument("--data-dir", default=data_dir)
-    p.add_argument("--datasets", default=datasets)
-    p.add_argument("--encoder", default=encoder, choices=("resnet18-random", "pixels"))
-    p.add_argument("--positives-per-class", type=int, default=positives_per_class)
-    p.add_argument("--queries-per-class", type=int, default=queries_per_class)
-    p.add_argument("--landmark-counts", default=landmark_counts)
-    p.add_argument("--strategies", default=strategies)
-    p.add_argument("--fidelity-temperatures", default=fidelity_temperatures)
-    p.add_argument("--feature-cache", default=feature_cache)
-    p.add_argument("--step-steps", type=int, default=step_steps)
-    p.add_argument("--step-images", type=int, default=step_images)
+    for name, value in _defaults.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, choices=CHOICES.get(name),
+                       help=helps.get(name, "") + f" (default: {value})")
     p.add_argument("--json", default=None, help="write every number to this file")
     args = p.parse_args(argv)
     if args.quick:  # every size small, synthetic data: runs in seconds, needs no files
@@ -551,26 +556,19 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     wanted = set(args.sections.split(","))
-    if wanted - {"fields", "memory", "fidelity", "step"}:
-        raise SystemExit(f"error: unknown sections {sorted(wanted - {'fields', 'memory', 'fidelity', 'step'})}; "
-                         f"choose among fields,memory,fidelity,step")
+    if wanted - set(SECTIONS):
+        raise SystemExit(f"error: unknown sections {sorted(wanted - set(SECTIONS))}; choose among {','.join(SECTIONS)}")
     results = {"machine": machine(), "args": vars(args)}
     print(f"machine: {results['machine']}")
     if "fields" in wanted:
         results["fields"] = bench_fields(args, dev)
         print("\nfields (ms: median wall time; x floor: time / time of the same-shape matrix products, same run)")
-        print(table(results["fields"], [("shape", "{}"), ("T", "{:g}"), ("field", "{}"), ("M", "{}"), ("ms", "{:.1f}"),
-                                        ("gflops", "{:.0f}"), ("floor_ms", "{:.1f}"), ("x_floor", "{:.2f}"),
-                                        ("x_floor_cpu", "{:.2f}"), ("vs_exact", "{:.2f}"), ("peak_mib", "{:.0f}"),
-                                        ("err_vs_float64", "{:.1e}"), ("naive_float32_err", "{:.1e}")]))
-    if "memory" in wanted:
-        out = bench_memory(args, dev)
-        if out:
-            results["memory"], results["memory_summary"] = out
-            print("\nmemory of the exact field (N = Np, negatives = the queries; peak beyond inputs and output)")
-            print(table(out[0], [("N=Np", "{}"), ("D", "{}"), ("distances_mib", "{:.0f}"), ("mode", "{}"),
-                                 ("seconds", "{:.2f}"), ("peak_beyond_inputs_mib", "{:.0f}")]))
-            print(out[1])
+        print(table(results["fields"], FIELD_COLUMNS))
+    if "memory" in wanted and (out := bench_memory(args, dev)):
+        results["memory"], results["memory_summary"] = out
+        print("\nmemory of the exact field (N = Np, negatives = the queries; peak beyond inputs and output)")
+        print(table(results["memory"], MEMORY_COLUMNS))
+        print(results["memory_summary"])
     if "fidelity" in wanted:
         results["fidelity"] = bench_fidelity(args, dev)
         print("\nprojected vs exact attraction (attr_*: attraction b_pos - x; cos, rel_l2, target_mse: one-sided field)")
@@ -579,10 +577,7 @@ def main(argv=None):
         results["step"] = bench_step(args, dev)
         if results["step"]:
             print("\ntrain.py step (ms, medians; field = drift.drift_loss forward, backward = through encoder and generator)")
-            print(table(results["step"], [("field", "{}"), ("dataset", "{}"), ("encoder", "{}"), ("model", "{}"),
-                                          ("batch", "{}"), ("generator_ms", "{:.1f}"), ("encoder_ms", "{:.1f}"),
-                                          ("field_ms", "{:.1f}"), ("backward_ms", "{:.1f}"), ("optimizer_ms", "{:.1f}"),
-                                          ("other_ms", "{:.1f}"), ("step_ms", "{:.1f}"), ("field_share", "{:.0%}")]))
+            print(table(results["step"], STEP_COLUMNS))
     results["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     if args.json:
         with open(args.json, "w") as f:
