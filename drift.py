@@ -30,19 +30,34 @@ import torch.nn.functional as F
 KERNELS = ("laplace", "gaussian")
 
 
-def _check_points(x, y_pos, y_neg=None, weights=None):
-    """One clear ValueError for the mistakes people make with point sets."""
-    for name, t in (("x", x), ("y_pos", y_pos), ("y_neg", y_neg)):
-        if t is None:
-            continue
-        if not torch.is_tensor(t) or t.dim() < 2:
-            raise ValueError(f"{name} must be a tensor shaped [..., N, D], got {getattr(t, 'shape', type(t))}")
-        if t.shape[-2] == 0 or t.shape[-1] == 0:
+def _check_temperature(temperature):
+    if isinstance(temperature, bool) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a positive finite number (e.g. 0.05), got {temperature}")
+
+
+def _check_points(x, y_pos=None, y_neg=None, weights=None, names=("x", "y_pos", "y_neg")):
+    """One clear ValueError for the mistakes people make with point sets [..., N, D] and weights [..., Nn]:
+    not a tensor, empty, mismatched dims, NaN or inf (one poisons a whole field silently), negative weights."""
+    named = [(n, t, 2) for n, t in zip(names, (x, y_pos, y_neg)) if t is not None]
+    named += [] if weights is None else [("neg_weights", weights, 1)]
+    for name, t, dims in named:
+        if not torch.is_tensor(t) or t.dim() < dims:
+            raise ValueError(f"{name} must be a tensor shaped [..., {'N, D' if dims == 2 else 'N'}], got "
+                             f"{getattr(t, 'shape', type(t))}")
+        if t.shape[-1] == 0 or t.shape[-dims] == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): every point set needs at least one point")
-        if t.shape[-1] != x.shape[-1]:
-            raise ValueError(f"{name} has dimension {t.shape[-1]} but x has {x.shape[-1]}: features must match")
-    if weights is not None and y_neg is not None and weights.shape[-1] != y_neg.shape[-2]:
-        raise ValueError(f"neg_weights has {weights.shape[-1]} entries but there are {y_neg.shape[-2]} negatives")
+        if dims == 2 and t.shape[-1] != x.shape[-1]:
+            raise ValueError(f"{name} has dimension {t.shape[-1]} but {names[0]} has {x.shape[-1]}: features must match")
+        finite = torch.isfinite(t)  # the one pass over the data
+        if not finite.all():
+            first = (~finite).nonzero()[0].tolist()
+            raise ValueError(f"{name} has {int((~finite).sum())} non-finite value(s) (NaN or inf), the first in row "
+                             f"{first[-dims]} (index {tuple(first)}): drop or repair them before computing a field")
+    if weights is not None and weights.shape[-1] != (x if y_neg is None else y_neg).shape[-2]:
+        raise ValueError(f"neg_weights has {weights.shape[-1]} entries but there are "
+                         f"{(x if y_neg is None else y_neg).shape[-2]} negatives: give one weight per negative")
+    if weights is not None and (weights < 0).any():
+        raise ValueError("neg_weights must be >= 0 (a CFG weight of 0 drops a negative), got a negative one")
 
 
 def _fp32(t):
@@ -66,19 +81,25 @@ def log_kernel(x, y, temperature, kernel="laplace"):
     """log k(x, y): laplace k = exp(-r/T), gaussian k = exp(-r^2 / (2 T^2)); [..., N, M]."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    _check_temperature(temperature)
     r = pairwise_distance(x, y)
     return r.mul_(-1.0 / temperature) if kernel == "laplace" else r.square_().mul_(-0.5 / temperature**2)
 
 
-def _negatives(x, y_neg, mask_self):
-    """Resolve the negatives: None means the queries themselves, with their own column masked."""
-    if y_neg is None:
-        return x, True
-    mask_self = False if mask_self is None else mask_self
-    if mask_self and y_neg.shape[-2] < x.shape[-2]:
+def _negatives(x, y_neg, mask_self, weights=None):
+    """Resolve the negatives (None: the queries themselves, own column masked) and refuse a layout where some
+    query has no negative of positive weight left: its repulsion would be 0/0, its field 0 or the attraction."""
+    y_neg, mask_self = (x, True) if y_neg is None else (y_neg, bool(mask_self))
+    n, n_neg = x.shape[-2], y_neg.shape[-2]
+    if mask_self and n_neg < n:
         raise ValueError("mask_self=True needs the first N negatives to be the N queries themselves")
+    alive = None if weights is None else (weights > 0).long()  # (..., Nn)
+    left = (torch.full((1,), n_neg - mask_self) if alive is None  # (..., N): the negatives each query sees
+            else alive.sum(-1, keepdim=True) - (alive[..., :n] if mask_self else 0))
+    if left.min() < 1:
+        raise ValueError(f"query {int(left.flatten().argmin()) % left.shape[-1]} has no negative of positive weight "
+                         f"left{' once its own column is masked' if mask_self else ''}: it has no field; use >= 2 "
+                         "generated samples per field (gen_per_class >= 2) or give more negatives a positive weight")
     return y_neg, mask_self
 
 
@@ -121,14 +142,11 @@ def drift_field(x, y_pos, y_neg=None, temperature=0.05, neg_weights=None, mask_s
     column normalisers, once for the field. The cost is then one more matrix product. Returns V [..., N, D].
     """
     _check_points(x, y_pos, y_neg, neg_weights)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    _check_temperature(temperature)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         x, y_pos, y_neg, neg_weights = _fp32(x), _fp32(y_pos), _fp32(y_neg), _fp32(neg_weights)
-        y_neg, mask_self = _negatives(x, y_neg, mask_self)
+        y_neg, mask_self = _negatives(x, y_neg, mask_self, neg_weights)
         n, n_pos = x.shape[-2], y_pos.shape[-2]
-        if mask_self and n < 2 and n_pos == 0:
-            raise ValueError("a single query with no positives has no field")
         batch = torch.broadcast_shapes(x.shape[:-2], y_pos.shape[:-2], y_neg.shape[:-2])
         y_pos, y_neg = y_pos.expand(*batch, *y_pos.shape[-2:]), y_neg.expand(*batch, *y_neg.shape[-2:])
         y = torch.cat([y_pos, y_neg], -2)  # (..., M, D), M = Np + Nn
@@ -188,9 +206,7 @@ def mean_shift_field(x, y_pos, y_neg=None, temperature=0.05, kernel="laplace", n
     _check_points(x, y_pos, y_neg, neg_weights)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         x, y_pos, y_neg, neg_weights = _fp32(x), _fp32(y_pos), _fp32(y_neg), _fp32(neg_weights)
-        y_neg, mask_self = _negatives(x, y_neg, mask_self)
-        if mask_self and x.shape[-2] < 2 and y_neg.shape[-2] < 2:
-            raise ValueError("repulsion from the batch itself needs at least 2 queries")
+        y_neg, mask_self = _negatives(x, y_neg, mask_self, neg_weights)
         attraction = _barycentre(log_kernel(x, y_pos, temperature, kernel), y_pos)
         return attraction - _repulsion(x, y_neg, temperature, kernel, neg_weights, mask_self)
 
@@ -301,10 +317,10 @@ class NystromField:
     """
 
     def __init__(self, landmarks, temperature=0.05, ridge=1e-4, kernel="laplace", folded=True, min_density=1e-3):
-        if landmarks.dim() < 2 or landmarks.shape[-2] == 0:
-            raise ValueError(f"landmarks must be shaped [..., M, D] with M > 0, got {tuple(landmarks.shape)}")
-        if not temperature > 0 or not ridge >= 0:
-            raise ValueError(f"need temperature > 0 and ridge >= 0, got {temperature} and {ridge}")
+        _check_points(landmarks, names=("landmarks",))
+        _check_temperature(temperature)
+        if not 0 <= ridge < math.inf:
+            raise ValueError(f"ridge must be >= 0 and finite (e.g. 1e-4), got {ridge}")
         self.landmarks = landmarks.detach().float()
         self.temperature, self.ridge, self.kernel, self.folded = temperature, ridge, kernel, folded
         self.min_density = min_density
@@ -355,18 +371,18 @@ class NystromField:
             S += k.mT @ y
 
         for y, lab in chunks:
-            _check_points(y, y)
+            _check_points(y, names=("y_pos",))
             if y.shape[-1] != d:
-                raise ValueError(f"positives have dimension {y.shape[-1]} but the landmarks have {d}")
+                raise ValueError(f"y_pos has dimension {y.shape[-1]} but the landmarks have {d}: features must match")
             y = y.detach().to(u.device, torch.float64)
             self.count += y.shape[-2]
             if lab is None:
                 accumulate(y, u, self.s, self.S)
                 continue
             lab = torch.as_tensor(lab, device=u.device)
-            if u.dim() < 3 or int(lab.max()) >= u.shape[-3]:
-                raise ValueError(f"labels need per-class landmarks [..., K, M, D] with K > {int(lab.max())}, "
-                                 f"got landmarks {tuple(u.shape)}")
+            if u.dim() < 3 or lab.shape != y.shape[-2:-1] or lab.is_floating_point() or not 0 <= lab.min() <= lab.max() < u.shape[-3]:
+                raise ValueError(f"labels must be class indices shaped [{y.shape[-2]}] in [0, K) for per-class landmarks "
+                                 f"[..., K, M, D]; got labels {tuple(lab.shape)} and landmarks {tuple(u.shape)}")
             for k in lab.unique().tolist():  # each sample feeds its own class's summaries
                 accumulate(y[..., lab == k, :], u[..., k, :, :], self.s[..., k, :], self.S[..., k, :, :])
         if self.count == 0:
@@ -390,17 +406,24 @@ class NystromField:
         with classes [K'], x is [..., K', N, D] and row k of it is attracted to class classes[k]."""
         if self.s is None:
             raise RuntimeError("NystromField has no summaries yet: call .fit(y_pos) first")
-        _check_points(x, self.landmarks)
+        _check_points(self.landmarks[..., :1, :], x, names=("landmarks", "x"))
+        if classes is not None:
+            classes = torch.as_tensor(classes, device=x.device)
+            n_classes = self.landmarks.shape[-3] if self.landmarks.dim() > 2 else 0  # per-class landmarks [..., K, M, D]
+            if classes.dim() != 1 or classes.is_floating_point() or x.dim() < 3 or x.shape[-3] != len(classes) \
+                    or len(classes) == 0 or not 0 <= classes.min() <= classes.max() < n_classes:
+                raise ValueError(f"classes must be [K'] indices in [0, {n_classes}) of the per-class landmarks, one per "
+                                 f"field of x [..., K', N, D]; got classes {classes.tolist()} for x {tuple(x.shape)}")
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            x = _fp32(x)
-            u = self._pick(self.landmarks, classes)
+            x = _fp32(x)  # float32, or float64 for float64 queries as the other fields
+            u = self._pick(self.landmarks, classes).to(x.dtype)
             k, _ = self._kernel_rows(x, u)  # (..., N, M), the largest weight in a row is 1
-            if self.folded:
+            if self.folded and x.dtype == torch.float32:
                 out = k @ self._pick(self.folded_summaries, classes)  # (..., N, D+1)
                 num, den = out[..., :-1], out[..., -1:]
-            else:
-                phi = k @ self._pick(self.w_inv_sqrt, classes).float()  # (..., N, M)
-                num, den = phi @ self._pick(self.S, classes).float(), phi @ self._pick(self.s, classes).float()[..., None]
+            else:  # unfolded, or float64 queries: from the float64 summaries
+                phi = k @ self._pick(self.w_inv_sqrt, classes).to(x.dtype)  # (..., N, M)
+                num, den = phi @ self._pick(self.S, classes).to(x.dtype), phi @ self._pick(self.s, classes).to(x.dtype)[..., None]
             # Guard: the projected density phi^T s approximates sum_j k(x, y_j) / max_m k(x, u_m), which is
             # about 1 or more near data (a landmark is itself a positive), but it is not a true density and
             # can approach 0 or go negative where landmarks are sparse. There the ratio means nothing, so we
@@ -416,13 +439,12 @@ class NystromField:
         b_pos = self.attraction(x, classes)
         if projected_repulsion and (y_neg is not None or neg_weights is not None):
             raise ValueError("projected repulsion uses the batch itself as negatives: pass y_neg=None")
-        if y_neg is not None:
-            _check_points(x, y_neg, y_neg, neg_weights)
+        _check_points(x, None, y_neg, neg_weights)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             x, y_neg, neg_weights = _fp32(x), _fp32(y_neg), _fp32(neg_weights)
+            y_neg, mask_self = _negatives(x, y_neg, mask_self, neg_weights)
             if projected_repulsion:
-                return b_pos - self._projected_repulsion(x.double(), classes).float()
-            y_neg, mask_self = _negatives(x, y_neg, mask_self)
+                return b_pos - self._projected_repulsion(x.double(), classes).to(x.dtype)
             return b_pos - _repulsion(x, y_neg, self.temperature, self.kernel, neg_weights, mask_self)
 
     def _projected_repulsion(self, x, classes):
@@ -448,6 +470,7 @@ def feature_scale(x, y=None, weights=None, mask_self=False):
     then sit at mean distance sqrt(C), where a temperature T acts as T * sqrt(C). weights [..., M] weight the
     columns (CFG); mask_self: the first N columns of y are x itself and the self-distances are left out.
     """
+    _check_points(x, None, y, weights, names=("x", None, "y"))
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         x = _fp32(x)
         y, mask_self = (x, True) if y is None else (_fp32(y), mask_self)
@@ -455,7 +478,9 @@ def feature_scale(x, y=None, weights=None, mask_self=False):
         w = torch.ones_like(dist) if weights is None else _fp32(weights).unsqueeze(-2).expand_as(dist).clone()
         if mask_self:
             w[..., :, :x.shape[-2]].diagonal(dim1=-2, dim2=-1).zero_()
-        return ((dist * w).sum() / w.sum().clamp_min(1e-30) / math.sqrt(x.shape[-1])).clamp_min(1e-12)
+        if not w.sum() > 0:
+            raise ValueError("feature_scale has no pair of points of positive weight to measure: give it >= 2 points")
+        return ((dist * w).sum() / w.sum() / math.sqrt(x.shape[-1])).clamp_min(1e-12)
 
 
 def build_nystrom_fields(y, landmarks, temperatures, scale, labels=None, ridge=1e-4, kernel="laplace",
@@ -469,6 +494,25 @@ def build_nystrom_fields(y, landmarks, temperatures, scale, labels=None, ridge=1
             for t in temperatures]
 
 
+def _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weights):
+    """What drift_loss and normalised_drift refuse up front: bad settings, bad points, unbroadcastable dims."""
+    if field not in ("exact", "nystrom"):
+        raise ValueError(f"unknown field {field!r}; choose exact or nystrom")
+    if (field == "exact") != (y_pos is not None):
+        raise ValueError("field='exact' needs the positives y_pos; field='nystrom' has its own: pass y_pos=None")
+    if isinstance(temperatures, (int, float)) or len(temperatures) == 0:
+        raise ValueError(f"temperatures must be a non-empty sequence such as (0.02, 0.05, 0.2), got {temperatures}")
+    for t in temperatures:
+        _check_temperature(t)
+    if field == "nystrom" and (nystrom is None or len(nystrom) != len(temperatures)):
+        raise ValueError("field='nystrom' needs one fitted NystromField per temperature (build_nystrom_fields)")
+    _check_points(x, y_pos, y_neg, neg_weights)
+    for name, t, d in (("y_pos", y_pos, 2), ("y_neg", y_neg, 2), ("neg_weights", neg_weights, 1)):
+        if t is not None and (t.dim() - d > x.dim() - 2 or any(a not in (1, b) for a, b in zip(t.shape[-d - 1::-1], x.shape[-3::-1]))):
+            raise ValueError(f"{name} has leading dims {tuple(t.shape[:-d])} but x has {tuple(x.shape[:-2])}: each "
+                             "must be 1 or equal (one field per leading index)")
+
+
 def normalised_drift(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field="exact", nystrom=None,
                      neg_weights=None, mask_self=None, classes=None):
     """
@@ -477,12 +521,7 @@ def normalised_drift(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), 
     the batch. field="exact": Algorithm 2 against y_pos. field="nystrom": `nystrom` is a list of NystromField,
     one per temperature (build_nystrom_fields). Returns (V [..., N, C], raw RMS per temperature [len(T)]).
     """
-    if field not in ("exact", "nystrom"):
-        raise ValueError(f"unknown field {field!r}; choose exact or nystrom")
-    if field == "exact" and y_pos is None:
-        raise ValueError("field='exact' needs the positives y_pos")
-    if field == "nystrom" and (nystrom is None or len(nystrom) != len(temperatures)):
-        raise ValueError("field='nystrom' needs one fitted NystromField per temperature (build_nystrom_fields)")
+    _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weights)
     c = x.shape[-1]
     v_total, raw_norms = torch.zeros_like(_fp32(x)), []
     for i, t in enumerate(temperatures):
@@ -510,9 +549,10 @@ def drift_loss(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field=
     field="nystrom" needs `scale`: the one the NystromFields were built with (their summaries are fixed, so
     the scale must be too); field="exact" computes it from the batch when not given. Returns (loss, stats).
     """
+    _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weights)
     if scale is None:
-        if field != "exact" or y_pos is None:
-            raise ValueError("drift_loss needs `scale` for field='nystrom', and y_pos for field='exact'")
+        if field != "exact":
+            raise ValueError("drift_loss needs `scale` for field='nystrom': the one its NystromFields were built with")
         negatives = x if y_neg is None else y_neg  # mean distance from the queries to every column the kernel sees
         lead = torch.broadcast_shapes(negatives.shape[:-2], y_pos.shape[:-2])
         columns = torch.cat([negatives.expand(*lead, *negatives.shape[-2:]), y_pos.expand(*lead, *y_pos.shape[-2:])], -2)
@@ -520,6 +560,8 @@ def drift_loss(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field=
                                                         neg_weights.new_ones(*lead, y_pos.shape[-2])], -1)
         scale = feature_scale(x, columns, w, mask_self=y_neg is None or bool(mask_self))
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    if not (torch.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError(f"scale must be positive and finite (feature_scale gives one), got {scale}")
     x_n = x.float() / scale  # (..., N, C), carries the gradient
     y_pos_n = None if y_pos is None else y_pos.detach().float() / scale
     y_neg_n = None if y_neg is None else y_neg.detach().float() / scale
