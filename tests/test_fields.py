@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from drift import (NystromField, build_nystrom_fields, drift_field, drift_loss, feature_scale, field_fidelity,
-                   mean_shift_field, select_landmarks)
+                   mean_shift_field, normalised_drift, select_landmarks)
 
 
 def gen(seed=0):
@@ -345,3 +345,125 @@ def test_loss_broadcasts_cfg_weights_and_shared_positives_over_leading_dims():
     weights = torch.cat([w.expand(2, 3, 16), torch.ones(2, 3, 20)], -1).unsqueeze(-2).expand_as(d).clone()
     weights[..., :12].diagonal(dim1=-2, dim2=-1).zero_()
     assert math.isclose(stats["scale"].item(), ((d * weights).sum() / weights.sum() / math.sqrt(5)).item(), rel_tol=1e-5)
+
+
+# ---- nothing silent: bad input is refused where it enters, with what was wrong ----
+
+def fitted_per_class(seed=21):
+    g = gen(seed)
+    y, labels = torch.randn(60, 4, generator=g), torch.arange(60) % 3
+    return NystromField(select_landmarks(y, 5, labels=labels, generator=gen(0)), 1.0).fit(y, labels=labels), y, labels
+
+
+def poisoned(t, row=17, value=math.nan):
+    t = t.clone()
+    t[..., row, 1] = value
+    return t
+
+
+@pytest.mark.parametrize("case", ["fit", "landmarks", "drift_field", "mean_shift", "nystrom_query", "nystrom_neg",
+                                  "weights", "feature_scale", "drift_loss"])
+def test_a_nan_or_inf_is_refused_and_named_where_it_enters(case):
+    g = gen(22)
+    x, y = torch.randn(30, 4, generator=g), torch.randn(40, 4, generator=g)
+    field = NystromField(y[:10], 1.0).fit(y)
+    calls = {  # one NaN or inf row used to poison the summaries, the field or the loss silently
+        "fit": (lambda: NystromField(y[:10], 1.0).fit(poisoned(y)), "y_pos has 1 non-finite value.*row 17"),
+        "landmarks": (lambda: NystromField(poisoned(y)), "landmarks has 1 non-finite"),
+        "drift_field": (lambda: drift_field(poisoned(x, 3, math.inf), y), "x has 1 non-finite.*row 3"),
+        "mean_shift": (lambda: mean_shift_field(x, y, poisoned(y)), "y_neg has 1 non-finite"),
+        "nystrom_query": (lambda: field(poisoned(x)), "x has 1 non-finite"),
+        "nystrom_neg": (lambda: field(x, poisoned(y)), "y_neg has 1 non-finite"),
+        "weights": (lambda: mean_shift_field(x, y, y, neg_weights=poisoned(torch.ones(1, 40), 0)[0]), "neg_weights"),
+        "feature_scale": (lambda: feature_scale(poisoned(x)), "x has 1 non-finite"),
+        "drift_loss": (lambda: drift_loss(x, poisoned(y, 5, -math.inf)), "y_pos has 1 non-finite.*row 5"),
+    }
+    call, message = calls[case]
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_layouts_where_a_query_has_no_negative_of_positive_weight_are_refused():
+    g = gen(23)
+    y_pos, y_unc = torch.randn(3, 20, 4, generator=g), torch.randn(3, 4, 4, generator=g)
+    field = NystromField(y_pos[0, :8], 1.0).fit(y_pos[0])
+    one = torch.randn(3, 1, 4, generator=g)  # gen_per_class 1: each query is its own only generated negative
+    alpha_one = torch.cat([torch.ones(3, 1), torch.zeros(3, 4)], -1)  # CFG alpha = 1: unconditional weights 0
+    for call in (lambda: drift_field(one, y_pos),  # V was exactly 0
+                 lambda: field(one[0]),  # repulsion 0/1e-30: V was the attraction's absolute position
+                 lambda: field(one[0], projected_repulsion=True),
+                 lambda: drift_field(one, y_pos, torch.cat([one, y_unc], -2), 1.0, alpha_one, mask_self=True),
+                 lambda: mean_shift_field(one, y_pos, torch.cat([one, y_unc], -2), 1.0, neg_weights=alpha_one, mask_self=True),
+                 lambda: mean_shift_field(y_pos[0], y_pos[1], y_unc[0], 1.0, neg_weights=torch.zeros(4)),
+                 lambda: field(y_pos[0], y_unc[0], neg_weights=torch.zeros(4))):
+        with pytest.raises(ValueError, match="no negative of positive weight"):
+            call()
+    with pytest.raises(ValueError, match=">= 0"):
+        mean_shift_field(y_pos[0], y_pos[1], y_unc[0], 1.0, neg_weights=torch.tensor([1.0, -1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="no pair"):
+        feature_scale(one[0])  # was 1e-12: every feature then blew up by 1e12
+    # allowed: zero weight for SOME negatives (alpha = 1 with 2+ generated samples per class) drops them
+    x = torch.randn(3, 5, 4, generator=g)
+    w = torch.cat([torch.ones(3, 5), torch.zeros(3, 4)], -1)
+    v = mean_shift_field(x, y_pos, torch.cat([x, y_unc], -2), 1.0, neg_weights=w, mask_self=True)
+    assert close(v, mean_shift_field(x, y_pos, None, 1.0))
+    assert torch.isfinite(drift_field(x, y_pos, torch.cat([x, y_unc], -2), 1.0, w, mask_self=True)).all()
+
+
+def test_nystrom_takes_float64_and_half_queries_like_the_other_fields():
+    g = gen(24)
+    y_pos, x = torch.randn(80, 5, generator=g), torch.randn(30, 5, generator=g)
+    for folded in (True, False):
+        field = NystromField(y_pos[:20], 1.0, folded=folded).fit(y_pos)
+        for kwargs in ({}, {"projected_repulsion": True}):
+            v32 = field(x, **kwargs)
+            v64 = field(x.double(), **kwargs)
+            assert v64.dtype == drift_field(x.double(), y_pos).dtype == torch.float64
+            assert close(v64, v32, rel=1e-4)
+            for half in (torch.float16, torch.bfloat16):
+                v = field(x.to(half), **kwargs)
+                assert v.dtype == torch.float32 and close(v, field(x.to(half).float(), **kwargs))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"y_pos": torch.randn(20, 3)}, "dimension 3"),
+    ({"y_pos": torch.randn(4, 20, 4)}, "leading dims"),
+    ({"temperatures": ()}, "non-empty"),
+    ({"temperatures": (0.05, math.inf)}, "positive finite"),
+    ({"temperatures": (math.nan,)}, "positive finite"),
+    ({"y_neg": torch.randn(2, 6, 4), "neg_weights": torch.ones(5)}, "5 entries but there are 6"),
+    ({"x": [[0.0, 1.0, 2.0, 3.0]]}, "x must be a tensor"),
+    ({"scale": math.nan}, "scale must be positive"),
+    ({"field": "nystrom", "classes": torch.tensor([0, 3])}, "classes must be"),
+    ({"field": "nystrom", "classes": torch.tensor([-1, 0])}, "classes must be"),
+])
+def test_drift_loss_refuses_what_the_fields_refuse_with_a_value_error(kwargs, message):
+    g = gen(25)
+    fields = build_nystrom_fields(torch.randn(60, 4, generator=g), torch.randn(3, 5, 4, generator=g), (0.05,),
+                                  1.0, labels=torch.arange(60) % 3)
+    args = {"x": torch.randn(2, 6, 4, generator=g), "y_pos": torch.randn(2, 20, 4, generator=g), "temperatures": (0.05,)}
+    if kwargs.get("field") == "nystrom":
+        args.update(y_pos=None, nystrom=fields, scale=1.0)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        drift_loss(**args)
+
+
+def test_infinite_temperatures_bad_classes_and_bad_labels_are_refused_everywhere():
+    x, y = torch.randn(10, 4), torch.randn(20, 4)
+    for call in (lambda: drift_field(x, y, None, math.inf), lambda: mean_shift_field(x, y, None, math.inf),
+                 lambda: NystromField(y[:5], math.inf), lambda: NystromField(y[:5], -1.0),
+                 lambda: normalised_drift(x, y, None, (0.05, math.inf))):
+        with pytest.raises(ValueError, match="temperature"):
+            call()
+    field, y, labels = fitted_per_class()
+    queries = torch.randn(2, 7, 4)
+    for classes in ([0, 3], [-1, 0], [0]):  # out of range, negative (was the last class), one per field of x
+        with pytest.raises(ValueError, match="classes must be"):
+            field.attraction(queries, classes=torch.tensor(classes))
+    flat = NystromField(y[:4], 1.0).fit(y)  # without per-class landmarks, classes used to pick feature columns
+    with pytest.raises(ValueError, match="classes must be"):
+        flat.attraction(torch.randn(4, 7, 4), classes=torch.tensor([0, 0, 0, 0]))
+    for bad in (labels - 1, labels[:50]):  # a negative label fed the last class; a short one raised IndexError
+        with pytest.raises(ValueError, match="labels must be"):
+            NystromField(field.landmarks, 1.0).fit(y, labels=bad)
