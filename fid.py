@@ -180,7 +180,7 @@ def inception_fingerprint(model):
 
 
 def preprocess(images):
-    """uint8 images (N, H, W, C), C = 1 or 3 (or grey (N, H, W)) -> float (N, 3, H, W) in [0, 1], as InceptionV3 takes them."""
+    """uint8 images (N, H, W, C), C = 1 or 3 (or grey (N, H, W)) -> float (N, 3, H, W) in [0, 1] for InceptionV3."""
     channels = images.shape[-1] if images.dim() == 4 else 1
     if images.dtype != torch.uint8 or images.dim() not in (3, 4) or channels not in (1, 3):
         raise ValueError(f"images must be uint8 N x H x W x C with C = 1 or 3, got {images.dtype} "
@@ -229,7 +229,7 @@ def calculate_activation_statistics(images, model, batch_size=50, device="cpu"):
 
 
 def save_statistics(path, mu, sigma, features=None):
-    """Write mu and sigma (float64), and features (float32) when given, to an .npz that pytorch-fid reads, atomically."""
+    """Write mu, sigma (float64) and features (float32, when given) to an .npz that pytorch-fid reads, atomically."""
     arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
     if features is not None:
         arrays["features"] = np.asarray(features, np.float32)
@@ -307,7 +307,8 @@ def precision_recall(real_features, fake_features, k=NEIGHBOURS, device="cpu"):
 def fid_precision_recall(stats, reference, k=NEIGHBOURS, device="cpu"):
     """{"fid", "precision", "recall"} of stats (mu, sigma, features) against a reference (mu, sigma, features).
 
-    Precision and recall are None when either side has no features (a pytorch-fid statistics file) or k or fewer.
+    Precision and recall are None when either side has no features (a pytorch-fid statistics file) or only k or
+    fewer of them.
     """
     (mu, sigma, features), (mu_ref, sigma_ref, features_ref) = stats, reference
     if mu.shape != mu_ref.shape:
