@@ -42,22 +42,20 @@ def _check_points(x, y_pos=None, y_neg=None, weights=None, names=("x", "y_pos", 
     named += [] if weights is None else [("neg_weights", weights, 1)]
     for name, t, dims in named:
         if not torch.is_tensor(t) or t.dim() < dims:
-            raise ValueError(f"{name} must be a tensor shaped [..., {'N, D' if dims == 2 else 'N'}], got "
-                             f"{getattr(t, 'shape', type(t))}")
+            raise ValueError(f"{name} must be a tensor [..., N{', D' * (dims - 1)}], not {getattr(t, 'shape', type(t))}")
         if t.shape[-1] == 0 or t.shape[-dims] == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): every point set needs at least one point")
         if dims == 2 and t.shape[-1] != x.shape[-1]:
-            raise ValueError(f"{name} has dimension {t.shape[-1]} but {names[0]} has {x.shape[-1]}: features must match")
+            raise ValueError(f"{name} has dimension {t.shape[-1]} but {names[0]} has {x.shape[-1]}: they must match")
         finite = torch.isfinite(t)  # the one pass over the data
         if not finite.all():
             first = (~finite).nonzero()[0].tolist()
             raise ValueError(f"{name} has {int((~finite).sum())} non-finite value(s) (NaN or inf), the first in row "
                              f"{first[-dims]} (index {tuple(first)}): drop or repair them before computing a field")
-    if weights is not None and weights.shape[-1] != (x if y_neg is None else y_neg).shape[-2]:
-        raise ValueError(f"neg_weights has {weights.shape[-1]} entries but there are "
-                         f"{(x if y_neg is None else y_neg).shape[-2]} negatives: give one weight per negative")
-    if weights is not None and (weights < 0).any():
-        raise ValueError("neg_weights must be >= 0 (a CFG weight of 0 drops a negative), got a negative one")
+    n_neg = (x if y_neg is None else y_neg).shape[-2]
+    if weights is not None and (weights.shape[-1] != n_neg or (weights < 0).any()):
+        raise ValueError(f"neg_weights must be {n_neg} weights >= 0, one per negative (0 drops it), got "
+                         f"{weights.shape[-1]} with min {weights.min().item():g}")
 
 
 def _fp32(t):
@@ -93,13 +91,11 @@ def _negatives(x, y_neg, mask_self, weights=None):
     n, n_neg = x.shape[-2], y_neg.shape[-2]
     if mask_self and n_neg < n:
         raise ValueError("mask_self=True needs the first N negatives to be the N queries themselves")
-    alive = None if weights is None else (weights > 0).long()  # (..., Nn)
-    left = (torch.full((1,), n_neg - mask_self) if alive is None  # (..., N): the negatives each query sees
-            else alive.sum(-1, keepdim=True) - (alive[..., :n] if mask_self else 0))
+    alive = torch.ones(n_neg, dtype=torch.long) if weights is None else (weights > 0).long()  # (..., Nn)
+    left = alive.sum(-1, keepdim=True) - (alive[..., :n] if mask_self else 0)  # (..., N) negatives a query sees
     if left.min() < 1:
         raise ValueError(f"query {int(left.flatten().argmin()) % left.shape[-1]} has no negative of positive weight "
-                         f"left{' once its own column is masked' if mask_self else ''}: it has no field; use >= 2 "
-                         "generated samples per field (gen_per_class >= 2) or give more negatives a positive weight")
+                         "(other than itself): no field; use >= 2 generated samples per field, or more weights > 0")
     return y_neg, mask_self
 
 
@@ -294,8 +290,8 @@ def select_landmarks(y, m, strategy="random", labels=None, generator=None, retur
         index = _select_indices(y, m, strategy, generator)
     else:
         labels = torch.as_tensor(labels, device=y.device)
-        if labels.shape != (y.shape[0],):
-            raise ValueError(f"labels must be shaped [{y.shape[0]}], got {tuple(labels.shape)}")
+        if labels.shape != (y.shape[0],) or labels.min() < 0:
+            raise ValueError(f"labels must be [{y.shape[0]}] class indices >= 0, got {tuple(labels.shape)}")
         index = []
         for k in range(int(labels.max()) + 1):
             members = (labels == k).nonzero().squeeze(-1)
@@ -304,6 +300,15 @@ def select_landmarks(y, m, strategy="random", labels=None, generator=None, retur
             index.append(members[_select_indices(y[members], m, strategy, generator)])
         index = torch.stack(index)  # (K, m)
     return (y[index], index) if return_index else y[index]
+
+
+def _check_classes(name, classes, n, landmarks):
+    """Class indices [n] in [0, K) of per-class landmarks [..., K, M, D]: one out of range picks another class."""
+    c, k = torch.as_tensor(classes, device=landmarks.device), landmarks.shape[-3] if landmarks.dim() > 2 else 0
+    if c.shape != (n,) or c.is_floating_point() or n == 0 or not 0 <= c.min() <= c.max() < k:
+        raise ValueError(f"{name} must be {n} class indices in [0, {k}) (K of landmarks [..., K, M, D]), got "
+                         f"{tuple(c.shape)} with values {c.unique().tolist()[:8]}")
+    return c
 
 
 class NystromField:
@@ -379,10 +384,7 @@ class NystromField:
             if lab is None:
                 accumulate(y, u, self.s, self.S)
                 continue
-            lab = torch.as_tensor(lab, device=u.device)
-            if u.dim() < 3 or lab.shape != y.shape[-2:-1] or lab.is_floating_point() or not 0 <= lab.min() <= lab.max() < u.shape[-3]:
-                raise ValueError(f"labels must be class indices shaped [{y.shape[-2]}] in [0, K) for per-class landmarks "
-                                 f"[..., K, M, D]; got labels {tuple(lab.shape)} and landmarks {tuple(u.shape)}")
+            lab = _check_classes("labels", lab, y.shape[-2], u)
             for k in lab.unique().tolist():  # each sample feeds its own class's summaries
                 accumulate(y[..., lab == k, :], u[..., k, :, :], self.s[..., k, :], self.S[..., k, :, :])
         if self.count == 0:
@@ -407,13 +409,8 @@ class NystromField:
         if self.s is None:
             raise RuntimeError("NystromField has no summaries yet: call .fit(y_pos) first")
         _check_points(self.landmarks[..., :1, :], x, names=("landmarks", "x"))
-        if classes is not None:
-            classes = torch.as_tensor(classes, device=x.device)
-            n_classes = self.landmarks.shape[-3] if self.landmarks.dim() > 2 else 0  # per-class landmarks [..., K, M, D]
-            if classes.dim() != 1 or classes.is_floating_point() or x.dim() < 3 or x.shape[-3] != len(classes) \
-                    or len(classes) == 0 or not 0 <= classes.min() <= classes.max() < n_classes:
-                raise ValueError(f"classes must be [K'] indices in [0, {n_classes}) of the per-class landmarks, one per "
-                                 f"field of x [..., K', N, D]; got classes {classes.tolist()} for x {tuple(x.shape)}")
+        if classes is not None:  # one per field of x [..., K', N, D]
+            classes = _check_classes("classes", classes, x.shape[-3] if x.dim() > 2 else 0, self.landmarks)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             x = _fp32(x)  # float32, or float64 for float64 queries as the other fields
             u = self._pick(self.landmarks, classes).to(x.dtype)
@@ -423,7 +420,7 @@ class NystromField:
                 num, den = out[..., :-1], out[..., -1:]
             else:  # unfolded, or float64 queries: from the float64 summaries
                 phi = k @ self._pick(self.w_inv_sqrt, classes).to(x.dtype)  # (..., N, M)
-                num, den = phi @ self._pick(self.S, classes).to(x.dtype), phi @ self._pick(self.s, classes).to(x.dtype)[..., None]
+                num, den = (phi @ self._pick(t, classes).to(x.dtype) for t in (self.S, self.s.unsqueeze(-1)))
             # Guard: the projected density phi^T s approximates sum_j k(x, y_j) / max_m k(x, u_m), which is
             # about 1 or more near data (a landmark is itself a positive), but it is not a true density and
             # can approach 0 or go negative where landmarks are sparse. There the ratio means nothing, so we
@@ -508,9 +505,9 @@ def _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weigh
         raise ValueError("field='nystrom' needs one fitted NystromField per temperature (build_nystrom_fields)")
     _check_points(x, y_pos, y_neg, neg_weights)
     for name, t, d in (("y_pos", y_pos, 2), ("y_neg", y_neg, 2), ("neg_weights", neg_weights, 1)):
-        if t is not None and (t.dim() - d > x.dim() - 2 or any(a not in (1, b) for a, b in zip(t.shape[-d - 1::-1], x.shape[-3::-1]))):
-            raise ValueError(f"{name} has leading dims {tuple(t.shape[:-d])} but x has {tuple(x.shape[:-2])}: each "
-                             "must be 1 or equal (one field per leading index)")
+        lead = () if t is None else t.shape[:-d]  # must broadcast to x's leading dims: each 1 or equal
+        if len(lead) > x.dim() - 2 or any(a not in (1, b) for a, b in zip(lead[::-1], x.shape[-3::-1])):
+            raise ValueError(f"{name} has leading dims {tuple(lead)}, x {tuple(x.shape[:-2])}: each must be 1 or equal")
 
 
 def normalised_drift(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field="exact", nystrom=None,

@@ -423,6 +423,13 @@ def test_nystrom_takes_float64_and_half_queries_like_the_other_fields():
             for half in (torch.float16, torch.bfloat16):
                 v = field(x.to(half), **kwargs)
                 assert v.dtype == torch.float32 and close(v, field(x.to(half).float(), **kwargs))
+    # per class too, where the unfolded (and so the float64) path used to pick s along the wrong dim
+    _, y, labels = fitted_per_class()
+    u, queries, classes = select_landmarks(y, 5, labels=labels, generator=gen(0)), torch.randn(2, 7, 4), torch.tensor([2, 0])
+    folded = NystromField(u, 1.0).fit(y, labels=labels).attraction(queries, classes)
+    unfolded = NystromField(u, 1.0, folded=False).fit(y, labels=labels)
+    assert close(unfolded.attraction(queries, classes), folded, rel=1e-4)
+    assert close(unfolded.attraction(queries.double(), classes), folded, rel=1e-4)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -431,7 +438,7 @@ def test_nystrom_takes_float64_and_half_queries_like_the_other_fields():
     ({"temperatures": ()}, "non-empty"),
     ({"temperatures": (0.05, math.inf)}, "positive finite"),
     ({"temperatures": (math.nan,)}, "positive finite"),
-    ({"y_neg": torch.randn(2, 6, 4), "neg_weights": torch.ones(5)}, "5 entries but there are 6"),
+    ({"y_neg": torch.randn(2, 6, 4), "neg_weights": torch.ones(5)}, "must be 6 weights >= 0.*got 5"),
     ({"x": [[0.0, 1.0, 2.0, 3.0]]}, "x must be a tensor"),
     ({"scale": math.nan}, "scale must be positive"),
     ({"field": "nystrom", "classes": torch.tensor([0, 3])}, "classes must be"),
