@@ -361,18 +361,6 @@ def class_features(args, name):
     return out
 
 
-def nystrom_float64_attraction(field, x):
-    """The projected barycentre phi(x)^T S / phi(x)^T s evaluated in float64 throughout (no folding), with
-    NystromField's fallback where its projected density is below min_density."""
-    u = field.landmarks.double()
-    log_k = drift.log_kernel(x.double(), u, field.temperature, field.kernel)
-    k = (log_k - log_k.amax(-1, keepdim=True)).exp()
-    phi = k @ field.w_inv_sqrt
-    den = phi @ field.s.unsqueeze(-1)
-    fallback = (k @ u) / k.sum(-1, keepdim=True)
-    return torch.where(den > field.min_density, (phi @ field.S) / den, fallback).float()
-
-
 def fidelity_row(x, y_pos, u, t_eff, repeats, dev):
     """Projected against exact attraction of the queries x [K, Nq, C] to the positives y_pos [K, Np, C] with
     landmarks u [K, M, C] at temperature t_eff: times, and the field_fidelity of attraction and field."""
@@ -392,7 +380,7 @@ def fidelity_row(x, y_pos, u, t_eff, repeats, dev):
     row.update(drift.field_fidelity(b_proj - b_neg, b_exact - b_neg))  # cos, rel_l2, target_mse
     unfolded = drift.NystromField(u, t_eff, folded=False).fit(y_pos)
     row["cos_unfolded"] = drift.field_fidelity(unfolded.attraction(x) - b_neg, b_exact - b_neg)["cos"]
-    b_64 = nystrom_float64_attraction(field, x)  # the same projection without float32 rounding
+    b_64 = field.attraction(x.double()).float()  # the same projection without float32 rounding
     row["cos_float64"] = drift.field_fidelity(b_64 - b_neg, b_exact - b_neg)["cos"]
     row["float32_vs_float64"] = drift.field_fidelity(b_proj - b_neg, b_64 - b_neg)["rel_l2"]
     return row
