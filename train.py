@@ -553,13 +553,13 @@ def fid_reference(args, images, inception, device):
     if args.fid_ref:
         return fid.reference_statistics(args.fid_ref, inception, None, cache_folder(args), args.data_dir, device=device)
     n = min(len(images), 50_000)
-    path = os.path.join(cache_folder(args), f"fid-{args.dataset}-{args.data_hash[:12]}-{n}.npz")
+    path = os.path.join(cache_folder(args), f"fid-{args.dataset}-{args.data_hash[:12]}-{n}-"
+                                            f"{fid.inception_fingerprint(inception)}.npz")
     if not os.path.exists(path):
         index = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]
         features = fid.get_activations(images[index].permute(0, 2, 3, 1).numpy(), inception, 250, device)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(path + ".tmp.npz", mu=features.mean(0), sigma=np.cov(features, rowvar=False), features=features)
-        os.replace(path + ".tmp.npz", path)
+        fid.save_statistics(path, *fid.statistics(features), features)
     return path
 
 

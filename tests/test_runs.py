@@ -228,3 +228,19 @@ def test_dataset_defaults_are_what_help_says():
             assert getattr(args, k) == v and f"--{k.replace('_', '-')} {v}" in line
     assert train.parse_args(["--dataset", "cifar10", "--landmarks", "7"]).landmarks == 7  # the command line wins
     assert train.parse_args(["--dataset", "cifar10", "--encoder", "auto"]).encoder == "mae"
+
+
+def test_fid_reference_defaults_to_the_training_images_cached_once(tmp_path, monkeypatch, private_cache):
+    import fid
+    from test_fid import tiny_network
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": tiny_network())
+    extra = ["--max-steps", "2", "--fid-every", "2", "--fid-samples", "16"]
+    fake(tmp_path, "a", *extra)
+    (ref,) = [private_cache / f for f in os.listdir(private_cache) if f.startswith("fid-")]
+    with np.load(ref) as f:
+        assert f["features"].shape[0] == 128 and np.allclose(f["mu"], f["features"].mean(0))  # all 128 fake images
+    stamp = ref.stat().st_mtime_ns
+    _, out = fake(tmp_path, "b", *extra)
+    assert ref.stat().st_mtime_ns == stamp  # computed once
+    (event,) = [r for r in read_log(out) if r.get("event") == "fid"]
+    assert event["fid"] > 0 and 0 <= event["precision"] <= 1 and 0 <= event["recall"] <= 1
