@@ -38,13 +38,12 @@ def _check_temperature(temperature):
 def _check_points(x, y_pos=None, y_neg=None, weights=None, names=("x", "y_pos", "y_neg")):
     """One clear ValueError for the mistakes people make with point sets [..., N, D] and weights [..., Nn]:
     not a tensor, empty, mismatched dims, NaN or inf (one poisons a whole field silently), negative weights."""
-    named = [(n, t, 2) for n, t in zip(names, (x, y_pos, y_neg)) if t is not None]
-    named += [] if weights is None else [("neg_weights", weights, 1)]
-    for name, t, dims in named:
-        if not torch.is_tensor(t) or t.dim() < dims:
-            raise ValueError(f"{name} must be a tensor [..., N{', D' * (dims - 1)}], not {getattr(t, 'shape', type(t))}")
-        if t.shape[-1] == 0 or t.shape[-dims] == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): every point set needs at least one point")
+    for name, t, dims in zip((*names, "neg_weights"), (x, y_pos, y_neg, weights), (2, 2, 2, 1)):
+        if t is None:
+            continue
+        if not torch.is_tensor(t) or t.dim() < dims or t.shape[-1] == 0 or t.shape[-dims] == 0:
+            shape = "[..., N, D]" if dims == 2 else "[..., Nn]"
+            raise ValueError(f"{name} must be a non-empty tensor {shape}, got {getattr(t, 'shape', type(t))}")
         if dims == 2 and t.shape[-1] != x.shape[-1]:
             raise ValueError(f"{name} has dimension {t.shape[-1]} but {names[0]} has {x.shape[-1]}: they must match")
         finite = torch.isfinite(t)  # the one pass over the data
@@ -97,13 +96,6 @@ def _negatives(x, y_neg, mask_self, weights=None):
         raise ValueError(f"query {int(left.flatten().argmin()) % left.shape[-1]} has no negative of positive weight "
                          "(other than itself): no field; use >= 2 generated samples per field, or more weights > 0")
     return y_neg, mask_self
-
-
-def _mask_diagonal_(logits, offset):
-    """Set logits[..., i, offset + i] = -inf: a query never sees itself as a negative."""
-    n = logits.shape[-2]
-    logits[..., :, offset:offset + n].diagonal(dim1=-2, dim2=-1).fill_(-math.inf)
-    return logits
 
 
 FIELD_MEMORY = 1 << 29  # bytes: drift_field keeps the [..., N, Np+Nn] float32 distances whole up to this size
@@ -210,8 +202,8 @@ def mean_shift_field(x, y_pos, y_neg=None, temperature=0.05, kernel="laplace", n
 def _repulsion(x, y_neg, temperature, kernel, neg_weights, mask_self):
     """b_neg(x): the kernel barycentre of the negatives, each query's own column masked when it is one."""
     log_k = log_kernel(x, y_neg, temperature, kernel)  # (..., N, Nn)
-    if mask_self:
-        _mask_diagonal_(log_k, 0)
+    if mask_self:  # a query never sees itself as a negative
+        log_k[..., :, :x.shape[-2]].diagonal(dim1=-2, dim2=-1).fill_(-math.inf)
     return _barycentre(log_k, y_neg, neg_weights)
 
 
@@ -322,8 +314,7 @@ class NystromField:
     """
 
     def __init__(self, landmarks, temperature=0.05, ridge=1e-4, kernel="laplace", folded=True, min_density=1e-3):
-        _check_points(landmarks, names=("landmarks",))
-        _check_temperature(temperature)
+        _check_points(landmarks, names=("landmarks",))  # the temperature and kernel are checked by log_kernel below
         if not 0 <= ridge < math.inf:
             raise ValueError(f"ridge must be >= 0 and finite (e.g. 1e-4), got {ridge}")
         self.landmarks = landmarks.detach().float()
@@ -497,10 +488,9 @@ def _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weigh
         raise ValueError(f"unknown field {field!r}; choose exact or nystrom")
     if (field == "exact") != (y_pos is not None):
         raise ValueError("field='exact' needs the positives y_pos; field='nystrom' has its own: pass y_pos=None")
-    if isinstance(temperatures, (int, float)) or len(temperatures) == 0:
-        raise ValueError(f"temperatures must be a non-empty sequence such as (0.02, 0.05, 0.2), got {temperatures}")
-    for t in temperatures:
-        _check_temperature(t)
+    if isinstance(temperatures, (int, float)) or len(temperatures) == 0 \
+            or not all(0 < t < math.inf for t in temperatures):
+        raise ValueError(f"temperatures must be a non-empty sequence of positive finite numbers, got {temperatures}")
     if field == "nystrom" and (nystrom is None or len(nystrom) != len(temperatures)):
         raise ValueError("field='nystrom' needs one fitted NystromField per temperature (build_nystrom_fields)")
     _check_points(x, y_pos, y_neg, neg_weights)

@@ -439,7 +439,7 @@ def test_nystrom_takes_float64_and_half_queries_like_the_other_fields():
     ({"temperatures": (0.05, math.inf)}, "positive finite"),
     ({"temperatures": (math.nan,)}, "positive finite"),
     ({"y_neg": torch.randn(2, 6, 4), "neg_weights": torch.ones(5)}, "must be 6 weights >= 0.*got 5"),
-    ({"x": [[0.0, 1.0, 2.0, 3.0]]}, "x must be a tensor"),
+    ({"x": [[0.0, 1.0, 2.0, 3.0]]}, "x must be a non-empty tensor"),
     ({"scale": math.nan}, "scale must be positive"),
     ({"field": "nystrom", "classes": torch.tensor([0, 3])}, "classes must be"),
     ({"field": "nystrom", "classes": torch.tensor([-1, 0])}, "classes must be"),
