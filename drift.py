@@ -38,19 +38,21 @@ def _check_temperature(temperature):
 def _check_points(x, y_pos=None, y_neg=None, weights=None, names=("x", "y_pos", "y_neg")):
     """One clear ValueError for the mistakes people make with point sets [..., N, D] and weights [..., Nn]:
     not a tensor, empty, mismatched dims, NaN or inf (one poisons a whole field silently), negative weights."""
-    for name, t, dims in zip((*names, "neg_weights"), (x, y_pos, y_neg, weights), (2, 2, 2, 1)):
-        if t is None:
-            continue
+    named = [(name, t, dims) for name, t, dims in zip((*names, "neg_weights"), (x, y_pos, y_neg, weights), (2, 2, 2, 1))
+             if t is not None]  # dims: 2 for point sets [..., N, D], 1 for weights [..., Nn]
+    for name, t, dims in named:
         if not torch.is_tensor(t) or t.dim() < dims or t.shape[-1] == 0 or t.shape[-dims] == 0:
             shape = "[..., N, D]" if dims == 2 else "[..., Nn]"
             raise ValueError(f"{name} must be a non-empty tensor {shape}, got {getattr(t, 'shape', type(t))}")
         if dims == 2 and t.shape[-1] != x.shape[-1]:
             raise ValueError(f"{name} has dimension {t.shape[-1]} but {names[0]} has {x.shape[-1]}: they must match")
-        finite = torch.isfinite(t)  # the one pass over the data
-        if not finite.all():
-            first = (~finite).nonzero()[0].tolist()
-            raise ValueError(f"{name} has {int((~finite).sum())} non-finite value(s) (NaN or inf), the first in row "
-                             f"{first[-dims]} (index {tuple(first)}): drop or repair them before computing a field")
+    if not torch.isfinite(sum(t.detach().sum() for _, t, _ in named)):  # one fast pass and one sync for all
+        for name, t, dims in named:  # a NaN or inf makes the sum non-finite (so may an overflow: look closer)
+            bad = ~torch.isfinite(t)
+            if bad.any():
+                first = bad.nonzero()[0].tolist()
+                raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s) (NaN or inf), the first in row "
+                                 f"{first[-dims]} (index {tuple(first)}): drop or repair them before computing a field")
     n_neg = (x if y_neg is None else y_neg).shape[-2]
     if weights is not None and (weights.shape[-1] != n_neg or (weights < 0).any()):
         raise ValueError(f"neg_weights must be {n_neg} weights >= 0, one per negative (0 drops it), got "

@@ -383,6 +383,11 @@ def test_a_nan_or_inf_is_refused_and_named_where_it_enters(case):
         call()
 
 
+def test_large_finite_values_are_not_mistaken_for_non_finite_ones():
+    x = torch.full((30, 4), 1000.0, dtype=torch.float16) + torch.randn(30, 4).half()  # its float16 sum overflows
+    assert torch.isinf(x.sum()) and torch.isfinite(mean_shift_field(x, x[:10] + 1)).all()
+
+
 def test_layouts_where_a_query_has_no_negative_of_positive_weight_are_refused():
     g = gen(23)
     y_pos, y_unc = torch.randn(3, 20, 4, generator=g), torch.randn(3, 4, 4, generator=g)
@@ -442,6 +447,7 @@ def test_nystrom_takes_float64_and_half_queries_like_the_other_fields():
     ({"x": [[0.0, 1.0, 2.0, 3.0]]}, "x must be a non-empty tensor"),
     ({"scale": math.nan}, "scale must be positive"),
     ({"field": "nystrom", "classes": torch.tensor([0, 3])}, "classes must be"),
+    ({"field": "nystrom", "classes": torch.tensor([0, 1]), "y_pos": torch.randn(2, 20, 4)}, "pass y_pos=None"),
     ({"field": "nystrom", "classes": torch.tensor([-1, 0])}, "classes must be"),
 ])
 def test_drift_loss_refuses_what_the_fields_refuse_with_a_value_error(kwargs, message):
