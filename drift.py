@@ -273,8 +273,9 @@ def select_landmarks(y, m, strategy="random", labels=None, generator=None, retur
     """
     if strategy not in ("random", "kmeans", "kcenter"):
         raise ValueError(f"unknown landmark strategy {strategy!r}; choose random, kmeans or kcenter")
-    if y.dim() != 2 or y.shape[0] == 0:
-        raise ValueError(f"landmarks are chosen from samples shaped [n, D] with n > 0, got {tuple(y.shape)}")
+    _check_points(y, names=("y",))  # a NaN would steer k-means and k-center silently
+    if y.dim() != 2:
+        raise ValueError(f"landmarks are chosen from samples shaped [n, D], got {tuple(y.shape)}")
     if m < 1:
         raise ValueError(f"need at least one landmark, got m={m}")
     y = y.detach().float()

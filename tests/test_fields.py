@@ -361,7 +361,7 @@ def poisoned(t, row=17, value=math.nan):
     return t
 
 
-@pytest.mark.parametrize("case", ["fit", "landmarks", "drift_field", "mean_shift", "nystrom_query", "nystrom_neg",
+@pytest.mark.parametrize("case", ["fit", "landmarks", "select_landmarks", "drift_field", "mean_shift", "nystrom_query", "nystrom_neg",
                                   "weights", "feature_scale", "drift_loss"])
 def test_a_nan_or_inf_is_refused_and_named_where_it_enters(case):
     g = gen(22)
@@ -370,6 +370,7 @@ def test_a_nan_or_inf_is_refused_and_named_where_it_enters(case):
     calls = {  # one NaN or inf row used to poison the summaries, the field or the loss silently
         "fit": (lambda: NystromField(y[:10], 1.0).fit(poisoned(y)), "y_pos has 1 non-finite value.*row 17"),
         "landmarks": (lambda: NystromField(poisoned(y)), "landmarks has 1 non-finite"),
+        "select_landmarks": (lambda: select_landmarks(poisoned(y), 5, "kmeans"), "y has 1 non-finite.*row 17"),
         "drift_field": (lambda: drift_field(poisoned(x, 3, math.inf), y), "x has 1 non-finite.*row 3"),
         "mean_shift": (lambda: mean_shift_field(x, y, poisoned(y)), "y_neg has 1 non-finite"),
         "nystrom_query": (lambda: field(poisoned(x)), "x has 1 non-finite"),
@@ -480,3 +481,5 @@ def test_infinite_temperatures_bad_classes_and_bad_labels_are_refused_everywhere
     for bad in (labels - 1, labels[:50]):  # a negative label fed the last class; a short one raised IndexError
         with pytest.raises(ValueError, match="labels must be"):
             NystromField(field.landmarks, 1.0).fit(y, labels=bad)
+        with pytest.raises(ValueError, match="labels must be"):  # negative labels were left out of every class
+            select_landmarks(y, 2, labels=bad)
