@@ -30,9 +30,10 @@ import torch.nn.functional as F
 KERNELS = ("laplace", "gaussian")
 
 
-def _check_temperature(temperature):
-    if isinstance(temperature, bool) or not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be a positive finite number (e.g. 0.05), got {temperature}")
+def _check_temperature(*temperatures):
+    for t in temperatures:  # T = inf makes the kernel flat, T <= 0 or NaN meaningless
+        if not 0 < t < math.inf:
+            raise ValueError(f"temperature must be a positive finite number (e.g. 0.05), got {t}")
 
 
 def _check_points(x, y_pos=None, y_neg=None, weights=None, names=("x", "y_pos", "y_neg")):
@@ -297,12 +298,12 @@ def select_landmarks(y, m, strategy="random", labels=None, generator=None, retur
     return (y[index], index) if return_index else y[index]
 
 
-def _check_classes(name, classes, n, landmarks):
+def _check_classes(name, classes, n, per, landmarks):
     """Class indices [n] in [0, K) of per-class landmarks [..., K, M, D]: one out of range picks another class."""
     c, k = torch.as_tensor(classes, device=landmarks.device), landmarks.shape[-3] if landmarks.dim() > 2 else 0
     if c.shape != (n,) or c.is_floating_point() or n == 0 or not 0 <= c.min() <= c.max() < k:
-        raise ValueError(f"{name} must be {n} class indices in [0, {k}) (K of landmarks [..., K, M, D]), got "
-                         f"{tuple(c.shape)} with values {c.unique().tolist()[:8]}")
+        raise ValueError(f"{name} must be {n} class indices (one per {per}) in [0, {k}), K from landmarks [..., K, M, "
+                         f"D]; got {tuple(c.shape)} with values {c.unique().tolist()[:8]}")
     return c
 
 
@@ -370,15 +371,13 @@ class NystromField:
             S += k.mT @ y
 
         for y, lab in chunks:
-            _check_points(y, names=("y_pos",))
-            if y.shape[-1] != d:
-                raise ValueError(f"y_pos has dimension {y.shape[-1]} but the landmarks have {d}: features must match")
+            _check_points(u[..., :1, :], y, names=("landmarks", "y_pos"))
             y = y.detach().to(u.device, torch.float64)
             self.count += y.shape[-2]
             if lab is None:
                 accumulate(y, u, self.s, self.S)
                 continue
-            lab = _check_classes("labels", lab, y.shape[-2], u)
+            lab = _check_classes("labels", lab, y.shape[-2], "sample", u)
             for k in lab.unique().tolist():  # each sample feeds its own class's summaries
                 accumulate(y[..., lab == k, :], u[..., k, :, :], self.s[..., k, :], self.S[..., k, :, :])
         if self.count == 0:
@@ -403,8 +402,9 @@ class NystromField:
         if self.s is None:
             raise RuntimeError("NystromField has no summaries yet: call .fit(y_pos) first")
         _check_points(self.landmarks[..., :1, :], x, names=("landmarks", "x"))
-        if classes is not None:  # one per field of x [..., K', N, D]
-            classes = _check_classes("classes", classes, x.shape[-3] if x.dim() > 2 else 0, self.landmarks)
+        if classes is not None:
+            n = x.shape[-3] if x.dim() > 2 else 0
+            classes = _check_classes("classes", classes, n, "field of x [..., K', N, D]", self.landmarks)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             x = _fp32(x)  # float32, or float64 for float64 queries as the other fields
             u = self._pick(self.landmarks, classes).to(x.dtype)
@@ -469,9 +469,10 @@ def feature_scale(x, y=None, weights=None, mask_self=False):
         w = torch.ones_like(dist) if weights is None else _fp32(weights).unsqueeze(-2).expand_as(dist).clone()
         if mask_self:
             w[..., :, :x.shape[-2]].diagonal(dim1=-2, dim2=-1).zero_()
-        if not w.sum() > 0:
+        total = w.sum()
+        if not total > 0:
             raise ValueError("feature_scale has no pair of points of positive weight to measure: give it >= 2 points")
-        return ((dist * w).sum() / w.sum() / math.sqrt(x.shape[-1])).clamp_min(1e-12)
+        return ((dist * w).sum() / total / math.sqrt(x.shape[-1])).clamp_min(1e-12)
 
 
 def build_nystrom_fields(y, landmarks, temperatures, scale, labels=None, ridge=1e-4, kernel="laplace",
@@ -491,9 +492,9 @@ def _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weigh
         raise ValueError(f"unknown field {field!r}; choose exact or nystrom")
     if (field == "exact") != (y_pos is not None):
         raise ValueError("field='exact' needs the positives y_pos; field='nystrom' has its own: pass y_pos=None")
-    if isinstance(temperatures, (int, float)) or len(temperatures) == 0 \
-            or not all(0 < t < math.inf for t in temperatures):
-        raise ValueError(f"temperatures must be a non-empty sequence of positive finite numbers, got {temperatures}")
+    if isinstance(temperatures, (int, float)) or len(temperatures) == 0:
+        raise ValueError(f"temperatures must be a non-empty sequence such as (0.02, 0.05, 0.2), got {temperatures}")
+    _check_temperature(*temperatures)
     if field == "nystrom" and (nystrom is None or len(nystrom) != len(temperatures)):
         raise ValueError("field='nystrom' needs one fitted NystromField per temperature (build_nystrom_fields)")
     _check_points(x, y_pos, y_neg, neg_weights)
