@@ -857,7 +857,7 @@ class Generator(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# checkpoints and one-step sampling: the one home the scripts share (train.py writes, sample.py and fid.py read)
+# checkpoints: the one home the scripts share (train.py writes them, sample.py and fid.py read them)
 
 def state_digest(obj):
     """SHA-256 over every tensor's bytes and every value of a nested checkpoint dict."""
@@ -919,32 +919,6 @@ def load_generator(path, device="cpu", ema=True):
     model = generator_from_args(ckpt["args"])
     model.load_state_dict(ckpt["ema" if ema else "model"])
     return model.to(device).eval(), ckpt["args"]
-
-
-@torch.no_grad()
-def generate_images(model, num_samples, batch_size=256, device="cpu", seed=0, cfg=1.0, classes=None):
-    """num_samples images as uint8 numpy [N, H, W, C], one network evaluation each. Sample i has class
-    classes[i % len(classes)] (default: all classes in turn), CFG scale cfg ([1] §3.5; 1 = none) and noise
-    seeded by (seed, i), so images do not depend on the batch size or the device."""
-    import numpy as np
-    from tqdm import tqdm
-    model = model.to(device).eval()
-    classes = list(range(model.num_classes)) if classes is None else [int(k) for k in classes]
-    if not classes or min(classes) < 0 or max(classes) >= model.num_classes:
-        raise ValueError(f"classes must lie in [0, {model.num_classes - 1}], got {classes}")
-    if not math.isfinite(cfg):
-        raise ValueError(f"the CFG scale must be a finite number (1 = no guidance), got {cfg}")
-    out = []
-    for start in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=num_samples <= batch_size):
-        index = range(start, min(start + batch_size, num_samples))
-        noise, style = zip(*(model.make_noise(1, torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in index))
-        noise = torch.cat(noise).to(device)  # (B, C, H, W)
-        style = None if style[0] is None else torch.cat(style).to(device)  # (B, tokens)
-        labels = torch.tensor([classes[i % len(classes)] for i in index], device=device)
-        alpha = torch.full((len(index),), float(cfg), device=device)
-        x = model(noise, labels, alpha, style).float()  # (B, C, H, W) in about [-1, 1]
-        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.image_size, model.image_size, model.channels), np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------------

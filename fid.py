@@ -53,6 +53,7 @@ from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 from tqdm import tqdm
 
 import drift
+import sample
 
 FID_WEIGHTS_HASH = "6726825d"  # sha256 prefix of pytorch-fid's weights, in the file name as torch.hub expects
 TORCHSCRIPT_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -349,7 +350,7 @@ def load_images(source, num_samples=None, data_dir="data", batch_size=50, device
     elif path.suffix == ".pt":
         model, _ = drift.load_generator(str(path), device=device)
         n = num_samples or CHECKPOINT_SAMPLES
-        return drift.generate_images(model, n, batch_size=batch_size, device=device, seed=seed)
+        return sample.generate_images(model, n, batch_size=batch_size, device=device, seed=seed)
     elif source.split(":")[0] in DATASETS:
         name, _, split = source.partition(":")
         if split not in ("", "train", "test"):

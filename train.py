@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import drift
-from sample import save_grid
+from sample import generate_images, save_grid
 
 # ---------------------------------------------------------------------------------------------- defaults
 _before = set(globals())
@@ -480,12 +480,12 @@ def train(args):
         if rank != 0:
             return
         k = min(args.num_classes, 10)
-        grid = drift.generate_images(ema_model, 8 * k, 256, device, args.seed, args.sample_cfg, list(range(k)))
+        grid = generate_images(ema_model, 8 * k, 256, device, args.seed, args.sample_cfg, list(range(k)))
         save_grid(grid, os.path.join(args.out_dir, "samples", f"step{step:06d}.png"), nrow=k)
         if args.fid_every > 0 and (step % args.fid_every == 0 or final):
             import fid
             t0 = time.time()
-            imgs = drift.generate_images(ema_model, args.fid_samples, 250, device, args.seed + 1, args.sample_cfg)
+            imgs = generate_images(ema_model, args.fid_samples, 250, device, args.seed + 1, args.sample_cfg)
             scores = fid.fid_from_images(imgs, inception[1], inception[0], 250, device)  # fid, precision, recall
             log({"event": "fid", "step": step, **scores, "train_seconds": train_seconds, "eval_seconds": time.time() - t0})
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if v is not None))
@@ -496,7 +496,11 @@ def train(args):
         t0 = time.time()
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
-        loss, drift_norm = drift_step(args, net, encoder, by_class, feats, scales, fields, gen, device, autocast)
+        stopped = f"stopped without updating. The last good checkpoint (step {saved_step}) is {ckpt_path}; try a lower --lr"
+        try:
+            loss, drift_norm = drift_step(args, net, encoder, by_class, feats, scales, fields, gen, device, autocast)
+        except ValueError as e:  # drift.py refuses non-finite generated features
+            raise SystemExit(f"error: step {step + 1}: {e}; {stopped}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -504,8 +508,7 @@ def train(args):
         if world > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():  # stop before the optimiser writes NaN into the weights; the checkpoint stays good
-            raise SystemExit(f"error: the loss or its gradient is not finite at step {step + 1}; stopped without "
-                             f"updating. The last good checkpoint (step {saved_step}) is {ckpt_path}; try a lower --lr")
+            raise SystemExit(f"error: the loss or its gradient is not finite at step {step + 1}; {stopped}")
         opt.step()
         update_ema(ema_model, model, args.ema)
         step += 1

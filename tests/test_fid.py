@@ -242,7 +242,7 @@ def test_every_source_gives_the_same_features(tmp_path, images, monkeypatch):
         return images[:num_samples]
 
     monkeypatch.setattr(fid.drift, "load_generator", load_generator)
-    monkeypatch.setattr(fid.drift, "generate_images", generate_images)
+    monkeypatch.setattr(fid.sample, "generate_images", generate_images)
 
     for source in [str(folder), str(tmp_path / "samples.npz"), "cifar10", str(tmp_path / "run.pt")]:
         loaded = fid.load_images(source, num_samples=7, data_dir=str(tmp_path))

@@ -112,15 +112,27 @@ def test_imagefolder_runs_twice_and_resumes_without_writing_into_the_data(tmp_pa
     assert sorted(os.listdir(tmp_path / "folder")) == before
 
 
-def test_a_run_that_goes_non_finite_stops_and_keeps_its_last_good_checkpoint(tmp_path, monkeypatch):
-    real, count = train.drift_step, [0]
+@pytest.mark.parametrize("where", ["loss", "generator"])
+def test_a_run_that_goes_non_finite_stops_and_keeps_its_last_good_checkpoint(tmp_path, monkeypatch, where):
+    if where == "loss":  # a NaN loss (and gradient)
+        real, count = train.drift_step, [0]
 
-    def poisoned(*a):
-        loss, norm = real(*a)
-        count[0] += 1
-        return (loss * float("nan"), norm) if count[0] == 3 else (loss, norm)
-    monkeypatch.setattr(train, "drift_step", poisoned)
-    with pytest.raises(SystemExit, match=r"not finite at step 3.*last good checkpoint \(step 2\)"):
+        def poisoned(*a):
+            loss, norm = real(*a)
+            count[0] += 1
+            return (loss * float("nan"), norm) if count[0] == 3 else (loss, norm)
+        monkeypatch.setattr(train, "drift_step", poisoned)
+        message = r"not finite at step 3.*last good checkpoint \(step 2\)"
+    else:  # NaN generated images: drift.py refuses the features, naming them
+        real_forward, count = drift.Generator.forward, [0]
+
+        def nan_forward(self, *a):
+            out = real_forward(self, *a)
+            count[0] += self.training
+            return out * float("nan") if self.training and count[0] == 3 else out
+        monkeypatch.setattr(drift.Generator, "forward", nan_forward)
+        message = r"step 3: x has .* non-finite .*last good checkpoint \(step 2\)"
+    with pytest.raises(SystemExit, match=message):
         fake(tmp_path, "run", "--max-steps", "6", "--ckpt-every", "2")
     ckpt = drift.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())

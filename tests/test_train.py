@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import drift
+import sample
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,7 @@ def test_training_moves_off_the_zero_start_towards_the_data(tmp_path, field):
         assert np.mean(norms[-5:]) < 0.5 * np.mean(norms[:3]), norms
     else:  # Algorithm 2 at the identical start: A_pos ~ 0 next to the zero-distance negatives, so the raw norm
         assert np.mean(norms[:3]) < np.mean(norms[-5:]), norms  # starts tiny and grows as the samples spread
-    images = drift.generate_images(result["ema"], 40, device="cpu").astype(float)  # class i % 4
+    images = sample.generate_images(result["ema"], 40, device="cpu").astype(float)  # class i % 4
     assert images.reshape(40, -1).std(0).mean() > 1  # no longer identical
     colour = images.mean((1, 2))  # (40, 3); fake class k: a red, green, blue or white blob
     for k in range(3):
