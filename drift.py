@@ -122,7 +122,8 @@ def _log_normalisers(energy):
     return row_sum.log_().sub_(row_low), col_sum.log_().sub_(col_low)
 
 
-def drift_field(x, y_pos, y_neg=None, temperature=0.05, neg_weights=None, mask_self=None, chunk_size=None):
+def drift_field(x, y_pos, y_neg=None, temperature=0.05, neg_weights=None, mask_self=None, chunk_size=None,
+                affinity_floor=0.0):
     """
     The exact drifting field, Algorithm 2 of [1], without gradient and in float32.
     x [..., N, D] queries, y_pos [..., Np, D] positives, y_neg [..., Nn, D] negatives (None: x itself with
@@ -131,6 +132,8 @@ def drift_field(x, y_pos, y_neg=None, temperature=0.05, neg_weights=None, mask_s
     Memory: the distances [..., N, Np+Nn] are kept whole when they fit in FIELD_MEMORY bytes; otherwise (or
     with chunk_size, queries per chunk) they are computed a chunk of queries at a time, twice: once for the
     column normalisers, once for the field. The cost is then one more matrix product. Returns V [..., N, D].
+    affinity_floor > 0 raises every entry of A, the masked diagonal too, to at least that value, as Deng et al.'s
+    released code does (sqrt(clip(A_row * A_col, 1e-6)): floor 1e-3); 0 is Algorithm 2 as published.
     """
     _check_points(x, y_pos, y_neg, neg_weights)
     _check_temperature(temperature)
@@ -166,7 +169,9 @@ def drift_field(x, y_pos, y_neg=None, temperature=0.05, neg_weights=None, mask_s
             # 3. A = sqrt(softmax_rows * softmax_cols) = exp(-E_ij - log r_i / 2 - log c_j / 2), in place
             a = torch.sub(half_row[..., rows, :], e, out=e).sub_(half_col).clamp_min_(EXP_FLOOR).exp_()
             a_pos, a_neg = a[..., :n_pos], a[..., n_pos:]  # (..., rows, Np), (..., rows, Nn)
-            if mask_self:  # exactly 0 rather than exp(EXP_FLOOR)
+            if affinity_floor > 0:  # the released code's floor, a first-moment pull (DESIGN.md §10)
+                a.clamp_min_(affinity_floor)
+            elif mask_self:  # exactly 0 rather than exp(EXP_FLOOR)
                 a_neg[..., :, rows].diagonal(dim1=-2, dim2=-1).zero_()
             if neg_weights is not None:
                 a_neg.mul_(neg_weights.unsqueeze(-2))
@@ -505,7 +510,7 @@ def _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weigh
 
 
 def normalised_drift(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field="exact", nystrom=None,
-                     neg_weights=None, mask_self=None, classes=None):
+                     neg_weights=None, mask_self=None, classes=None, affinity_floor=0.0):
     """
     The summed drift of [1] A.6 in normalised units (x, y_pos, y_neg already divided by the scale S):
     V = sum_T V_T / rms(V_T), with V_T the field at temperature T * sqrt(C) and rms = sqrt(E||V_T||^2 / C) over
@@ -518,7 +523,7 @@ def normalised_drift(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), 
     for i, t in enumerate(temperatures):
         t_eff = t * math.sqrt(c)
         if field == "exact":
-            v = drift_field(x, y_pos, y_neg, t_eff, neg_weights, mask_self)
+            v = drift_field(x, y_pos, y_neg, t_eff, neg_weights, mask_self, affinity_floor=affinity_floor)
         else:
             if not math.isclose(nystrom[i].temperature, t_eff, rel_tol=1e-5):
                 raise ValueError(f"NystromField {i} has temperature {nystrom[i].temperature:g}, expected "
@@ -531,7 +536,7 @@ def normalised_drift(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), 
 
 
 def drift_loss(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field="exact", nystrom=None,
-               neg_weights=None, mask_self=None, scale=None, classes=None):
+               neg_weights=None, mask_self=None, scale=None, classes=None, affinity_floor=0.0):
     """
     The drifting loss of [1] with the normalisations of A.6, for generated features x [..., N, C] (with grad):
     1. S = feature_scale (stop-grad), shared by the leading dims; features become x/S.
@@ -557,7 +562,7 @@ def drift_loss(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field=
     y_pos_n = None if y_pos is None else y_pos.detach().float() / scale
     y_neg_n = None if y_neg is None else y_neg.detach().float() / scale
     v, raw_norms = normalised_drift(x_n, y_pos_n, y_neg_n, temperatures, field, nystrom, neg_weights, mask_self,
-                                    classes)
+                                    classes, affinity_floor)
     loss = F.mse_loss(x_n, (x_n + v).detach())
     return loss, {"drift_norm": raw_norms.mean(), "scale": scale}
 

@@ -55,6 +55,7 @@ cfg_power = 3.0
 landmarks = 128  # Nystrom landmarks per class (real samples)
 landmark_strategy = "random"  # random | kmeans | kcenter (on pooled global features)
 ridge = 1e-4  # Nystrom ridge
+affinity_floor = 0.0  # exact field: every affinity at least this, as Deng et al.'s released code (1e-3); 0: Algorithm 2
 cache_dir = ""  # encoded training sets, auto-trained MAE encoders, FID statistics (default: $DRIFT_CACHE or ~/.cache/drift)
 save_fields = False  # also write the Nystrom summaries to <out-dir>/fields.pt
 # generator and optimiser
@@ -310,7 +311,7 @@ def drift_step(args, model, encoder, by_class, feats, scales, fields, gen, devic
         y_unc = feats[g][:, unc].to(device).float().view(L, nc, nunc, C)
         y_neg = torch.cat([xg.detach(), y_unc], -2)  # (L, Nc, Nneg+Nunc, C): the samples themselves first
         loss_g, stats = drift.drift_loss(xg, y_pos, y_neg, args.temperatures, args.field, fields.get(g),
-                                         weights, True, scales.get(g), classes.to(device))
+                                         weights, True, scales.get(g), classes.to(device), args.affinity_floor)
         loss, norms = loss + loss_g, norms + [stats["drift_norm"]]
     return loss, torch.stack(norms).mean()
 
@@ -351,7 +352,7 @@ def check_settings(args):
          f"--cfg-max must be >= 1 and --cfg-power, --sample-cfg finite, got {args.cfg_max}, {args.cfg_power}, {args.sample_cfg}")
     need(all(math.isfinite(t) and t > 0 for t in args.temperatures),
          f"--temperatures must be positive, got {' '.join(map(str, args.temperatures))}")
-    for name in ("lr", "ridge", "weight_decay", "grad_clip", "warmup", "time_limit"):
+    for name in ("lr", "ridge", "weight_decay", "grad_clip", "warmup", "time_limit", "affinity_floor"):
         need(math.isfinite(getattr(args, name)) and getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, "
                                                                                f"got {getattr(args, name)}")
     need(args.lr > 0 and args.grad_clip > 0, "--lr and --grad-clip must be positive")

@@ -13,13 +13,14 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def algorithm2_float64(x, y_pos, y_neg, temperature, mask_self, neg_weights=None):
-    """Algorithm 2 of Deng et al., written as plainly as possible in float64 (the reference)."""
+def algorithm2_float64(x, y_pos, y_neg, temperature, mask_self, neg_weights=None, floor=0.0):
+    """Algorithm 2 of Deng et al., written as plainly as possible in float64 (the reference). floor > 0: their
+    released code's sqrt(clip(softmax_row * softmax_col, floor^2)), the masked diagonal included."""
     x, y_pos, y_neg = x.double(), y_pos.double(), y_neg.double()
     logits = -torch.cdist(x, torch.cat([y_pos, y_neg])) / temperature
     if mask_self:
         logits[:, len(y_pos):len(y_pos) + len(x)] -= torch.diag(torch.full((len(x),), math.inf, dtype=x.dtype))
-    a = (logits.softmax(dim=-1) * logits.softmax(dim=-2)).sqrt()
+    a = (logits.softmax(dim=-1) * logits.softmax(dim=-2)).clamp_min(floor**2).sqrt()
     a_pos, a_neg = a[:, :len(y_pos)], a[:, len(y_pos):]
     if neg_weights is not None:
         a_neg = a_neg * neg_weights.double()
@@ -52,6 +53,22 @@ def test_drift_field_matches_float64_algorithm2(temperature):
     assert close(drift_field(x, y_pos, None, t), algorithm2_float64(x, y_pos, x, t, True))
     y_neg = torch.randn(30, 6, generator=g)
     assert close(drift_field(x, y_pos, y_neg, t), algorithm2_float64(x, y_pos, y_neg, t, False))
+
+
+@pytest.mark.parametrize("temperature", [0.02, 0.2])
+def test_affinity_floor_matches_the_released_codes_clip_and_pulls_by_first_moments(temperature):
+    g = gen(11)
+    x, y_pos = torch.randn(40, 6, generator=g), torch.randn(60, 6, generator=g) + 1.0
+    t = temperature * torch.cdist(x, y_pos).mean().item()
+    for y_neg, mask in ((None, True), (torch.randn(25, 6, generator=g), False)):
+        ref = algorithm2_float64(x, y_pos, x if y_neg is None else y_neg, t, mask, floor=1e-3)
+        got = drift_field(x, y_pos, y_neg, t, affinity_floor=1e-3)
+        assert close(got, ref) and not close(got, drift_field(x, y_pos, y_neg, t), rel=1e-3)
+    # a floor above every affinity makes A constant: V = c^2 (Nn * sum y_pos - Np * sum y_neg), first moments only
+    y_neg = torch.randn(25, 6, generator=g)
+    v = drift_field(x, y_pos, y_neg, t, affinity_floor=10.0)
+    expected = 100.0 * (len(y_neg) * y_pos.sum(0) - len(y_pos) * y_neg.sum(0))
+    assert torch.allclose(v, expected.expand_as(v), rtol=1e-5)
 
 
 def test_drift_field_cfg_weights_self_mask_and_chunks():
