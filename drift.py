@@ -891,10 +891,11 @@ def save_checkpoint(path, ckpt):
     try:
         torch.save(ckpt, path + ".tmp")
         os.replace(path + ".tmp", path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a missing folder as a RuntimeError
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        raise OSError(f"could not write the checkpoint {path} ({e.strerror or e}); the previous one is intact") from e
+        raise OSError(f"could not write the checkpoint {path} ({getattr(e, 'strerror', None) or e}); "
+                      f"the previous one is intact") from e
 
 
 def load_checkpoint(path):

@@ -419,7 +419,10 @@ def train(args):
         except Exception as e:
             raise SystemExit(f"error: --fid-every needs the Inception network: {e}")
         inception.append(fid_reference(args, images, inception[0], device))
-    os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+    try:
+        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to --out-dir {args.out_dir} ({e.strerror or e}); choose a writable folder")
     t_setup = time.time()
     torch.manual_seed(args.seed)
     encoder = make_encoder(args, images, device, rank)

@@ -256,3 +256,12 @@ def test_fid_reference_defaults_to_the_training_images_cached_once(tmp_path, mon
     assert ref.stat().st_mtime_ns == stamp  # computed once
     (event,) = [r for r in read_log(out) if r.get("event") == "fid"]
     assert event["fid"] > 0 and 0 <= event["precision"] <= 1 and 0 <= event["recall"] <= 1
+
+
+def test_write_failures_name_the_path_and_leave_nothing_behind(tmp_path):
+    with pytest.raises(OSError, match="could not write the checkpoint .*previous one is intact"):
+        drift.save_checkpoint(str(tmp_path / "missing" / "ckpt.pt"), {"step": 1})
+    assert not os.path.exists(tmp_path / "missing")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write to --out-dir"):
+        fake(tmp_path, "file/run", "--max-steps", "1")
