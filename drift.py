@@ -808,12 +808,15 @@ class Generator(nn.Module):
     """
     The one-step generator x = f(noise, class, alpha): patchify the noise, DiT blocks conditioned by adaLN-zero
     on class embedding + CFG-scale embedding (+ the sum of random "style" token embeddings from a codebook),
-    unpatchify. Modulations and the output layer start at zero, so every sample starts at x = 0; the
-    attraction (and the self-masked repulsion) moves them apart in the first steps.
+    unpatchify. The modulations start at zero (adaLN-zero: every block starts as the identity). DiT also zeroes
+    the output layer, but then every sample starts at x = 0 and all get the same drift: a symmetric start the
+    field cannot break, from which the generator spreads out slowly (BENCHMARKS.md §5). out_init > 0 draws the
+    output layer so that the output starts as a per-patch function of the noise with pixel RMS out_init;
+    out_init = 0 is DiT's zero start.
     """
 
     def __init__(self, image_size=32, channels=3, num_classes=10, patch_size=4, dim=256, depth=6, heads=4,
-                 mlp_ratio=4.0, style_tokens=32, style_codebook=64):
+                 mlp_ratio=4.0, style_tokens=32, style_codebook=64, out_init=1.0):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
@@ -840,6 +843,8 @@ class Generator(nn.Module):
         for layer in [b.modulation for b in self.blocks] + [self.final_modulation, self.out]:  # adaLN-zero
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if out_init:  # the final LayerNorm gives tokens unit mean square: weights of std out_init/sqrt(dim) give that pixel RMS
+            nn.init.normal_(self.out.weight, std=out_init / math.sqrt(dim))
 
     def make_noise(self, n, generator=None, device="cpu"):
         """The generator's random inputs: Gaussian noise [n, C, H, W] and style token indices [n, tokens]."""
@@ -916,7 +921,7 @@ def generator_from_args(a):
     """The generator a run's arguments (a plain dict, as stored in a checkpoint) describe."""
     patch = a["patch_size"] or a["image_size"] // 4
     return Generator(a["image_size"], a["channels"], a["num_classes"], patch, style_tokens=a["style_tokens"],
-                     **GENERATORS[a["model"]])
+                     out_init=a.get("out_init", 0.0), **GENERATORS[a["model"]])
 
 
 def load_generator(path, device="cpu", ema=True):

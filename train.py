@@ -61,6 +61,7 @@ save_fields = False  # also write the Nystrom summaries to <out-dir>/fields.pt
 # generator and optimiser
 model = "tiny"  # tiny | small | base (drift.GENERATORS)
 patch_size = 0  # 0: image-size // 4, a 4x4 token grid (CPU-friendly; DiT uses 2 or 4 on GPUs)
+out_init = 1.0  # RMS of the output pixels at initialisation, a function of the noise (0: DiT's zero output, every sample starts identical)
 style_tokens = 32  # random style tokens summed into the conditioning (0: none)
 lr = 2e-3  # high for a small model and a short run (DiT-size models: 2e-4)
 warmup = 100  # linear warm-up steps
@@ -355,7 +356,7 @@ def check_settings(args):
          f"--cfg-max must be >= 1 and --cfg-power, --sample-cfg finite, got {args.cfg_max}, {args.cfg_power}, {args.sample_cfg}")
     need(all(math.isfinite(t) and t > 0 for t in args.temperatures),
          f"--temperatures must be positive, got {' '.join(map(str, args.temperatures))}")
-    for name in ("lr", "ridge", "weight_decay", "grad_clip", "warmup", "time_limit", "affinity_floor"):
+    for name in ("lr", "ridge", "weight_decay", "grad_clip", "warmup", "time_limit", "affinity_floor", "out_init"):
         need(math.isfinite(getattr(args, name)) and getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, "
                                                                                f"got {getattr(args, name)}")
     need(args.lr > 0 and args.grad_clip > 0, "--lr and --grad-clip must be positive")

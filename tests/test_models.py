@@ -62,7 +62,7 @@ def test_gradients_reach_the_generator_not_the_frozen_encoder(tmp_path):
 
 
 def test_generator_starts_at_zero_and_unpatchifies_in_place():
-    model = drift.Generator(16, 3, 4, patch_size=4, dim=32, depth=2, heads=2)
+    model = drift.Generator(16, 3, 4, patch_size=4, dim=32, depth=2, heads=2, out_init=0.0)
     noise, style = model.make_noise(5, torch.Generator().manual_seed(1))
     assert torch.equal(model(noise, torch.arange(5) % 4, torch.ones(5), style), torch.zeros(5, 3, 16, 16))  # adaLN-zero
     # an output layer that copies token features to pixels: patch (row 1, col 2), channel 1, pixel (3, 0)
@@ -73,6 +73,29 @@ def test_generator_starts_at_zero_and_unpatchifies_in_place():
     x = model(noise, torch.arange(5) % 4, torch.ones(5), style)
     hot = (x[0] != 0).nonzero().tolist()
     assert len(hot) == 16 and [1, 4 * 1 + 3, 4 * 2 + 0] in hot  # one pixel per patch, at the right place
+
+
+def test_output_init_gives_each_sample_its_own_start_of_the_requested_spread():
+    """out_init > 0: the blocks still start as the identity (adaLN-zero), so the output is a per-patch function
+    of the noise alone, the same for any class, style or CFG scale, with pixel RMS out_init; 0 is DiT's x = 0."""
+    torch.manual_seed(0)
+    model = drift.Generator(16, 3, 4, patch_size=4, dim=256, depth=2, heads=2, out_init=0.5)
+    noise, style = model.make_noise(256, torch.Generator().manual_seed(1))
+    x = model(noise, torch.arange(256) % 4, torch.ones(256), style)
+    other_style = model.make_noise(256, torch.Generator().manual_seed(2))[1]
+    assert torch.allclose(x, model(noise, (torch.arange(256) + 1) % 4, torch.full((256,), 3.0), other_style), atol=1e-6)
+    assert abs(x.pow(2).mean().sqrt().item() - 0.5) < 0.05  # pixel RMS
+    assert x.std(0).mean() > 0.25  # most of it varies with the noise (the rest is the position embedding's)
+    assert torch.cdist(x.flatten(1), x.flatten(1)).topk(2, largest=False).values[:, 1].min() > 1.0  # no two alike
+    # a noise that differs in one patch changes that patch only
+    bumped = noise.clone()
+    bumped[:, :, 4:8, 8:12] += 1.0
+    changed = (model(bumped, torch.arange(256) % 4, torch.ones(256), style) - x).abs().amax((0, 1)) > 1e-6
+    assert changed[4:8, 8:12].all() and changed.sum() == 16
+    # a checkpoint from before this option (no out_init in its args) rebuilds DiT's zero start
+    old = drift.generator_from_args(dict(image_size=16, channels=3, num_classes=4, patch_size=4, style_tokens=4, model="tiny"))
+    n, s = old.make_noise(3, torch.Generator().manual_seed(3))
+    assert torch.equal(old(n, torch.arange(3), torch.ones(3), s), torch.zeros(3, 3, 16, 16))
 
 
 def test_bad_encoder_names_and_weights_fail_clearly(tmp_path):
