@@ -65,6 +65,7 @@ out_init = 1.0  # RMS of the output pixels at initialisation, a function of the 
 style_tokens = 32  # random style tokens summed into the conditioning (0: none)
 lr = 2e-3  # high for a small model and a short run (DiT-size models: 2e-4)
 warmup = 100  # linear warm-up steps
+lr_decay = 0.0  # the last fraction of the run (by --max-steps, or --time-limit if that ends first) over which the lr falls linearly to 0
 weight_decay = 0.01
 grad_clip = 2.0
 ema = 0.995  # EMA decay (papers: 0.999-0.9999 for long runs)
@@ -320,6 +321,16 @@ def drift_step(args, model, encoder, by_class, feats, scales, fields, gen, devic
     return loss, torch.stack(norms).mean()
 
 
+def learning_rate(args, step, train_seconds):
+    """Linear warm-up over --warmup steps, then constant, then (--lr-decay) a linear fall to 0 over the last
+    fraction of the run, measured in steps or, with --time-limit, in seconds, whichever is further along."""
+    progress = step / args.max_steps
+    if args.time_limit > 0:
+        progress = max(progress, train_seconds / (60 * args.time_limit))
+    decay = min(1.0, max(0.0, 1 - progress) / args.lr_decay) if args.lr_decay > 0 else 1.0
+    return args.lr * min(1.0, (step + 1) / max(args.warmup, 1)) * decay
+
+
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
     for e, p in zip(ema_model.parameters(), model.parameters()):
@@ -361,6 +372,7 @@ def check_settings(args):
                                                                                f"got {getattr(args, name)}")
     need(args.lr > 0 and args.grad_clip > 0, "--lr and --grad-clip must be positive")
     need(0 <= args.ema < 1, f"--ema must lie in [0, 1), got {args.ema}")
+    need(0 <= args.lr_decay <= 1, f"--lr-decay must lie in [0, 1] (a fraction of the run), got {args.lr_decay}")
     need(0 < args.mask_ratio < 1 and args.encoder_steps >= 1 and args.encoder_batch >= 1,
          "--mask-ratio must lie in (0, 1), --encoder-steps and --encoder-batch must be >= 1")
     need(args.max_steps >= 1 and args.log_every >= 1, "--max-steps and --log-every must be at least 1")
@@ -503,7 +515,7 @@ def train(args):
     while step < args.max_steps:
         t0 = time.time()
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+            group["lr"] = learning_rate(args, step, train_seconds)
         stopped = f"stopped without updating. The last good checkpoint (step {saved_step}) is {ckpt_path}; try a lower --lr"
         try:
             loss, drift_norm = drift_step(args, net, encoder, by_class, feats, scales, fields, gen, device, autocast)
@@ -524,11 +536,11 @@ def train(args):
         seconds = time.time() - t0
         sums = [sums[0] + loss.item(), sums[1] + drift_norm.item(), sums[2] + seconds, sums[3] + 1]
         train_seconds += seconds
+        if world > 1 and args.time_limit > 0:  # rank 0's clock decides, so that all ranks agree on lr and stopping
+            clock = torch.tensor([train_seconds], dtype=torch.float64, device=device)
+            dist.broadcast(clock, 0)
+            train_seconds = clock.item()
         out_of_time = args.time_limit > 0 and train_seconds > 60 * args.time_limit
-        if world > 1 and args.time_limit > 0:  # rank 0's clock decides, so that all ranks stop at the same step
-            flag = torch.tensor([float(out_of_time)], device=device)
-            dist.broadcast(flag, 0)
-            out_of_time = bool(flag.item())
         if step % args.log_every == 0 or step == args.max_steps or out_of_time:
             rate = sums[3] / sums[2]
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else \

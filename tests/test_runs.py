@@ -81,6 +81,23 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert records[4]["loss"] == pytest.approx(np.mean([whole_log[s]["loss"] for s in range(5, 9)]), rel=1e-6)
 
 
+def test_lr_warms_up_holds_then_falls_to_zero_over_the_decay_fraction_by_steps_or_by_time(tmp_path):
+    _, out = fake(tmp_path, "decay", "--max-steps", "10", "--warmup", "2", "--lr-decay", "0.5", "--lr", "1e-2")
+    lrs = [r["lr"] for r in read_log(out) if "drift_norm" in r]  # the lr each step ran with
+    assert lrs[0] == pytest.approx(0.5e-2) and lrs[1:6] == pytest.approx([1e-2] * 5)  # warm-up, then constant
+    assert lrs[5:] == pytest.approx([1e-2, 0.8e-2, 0.6e-2, 0.4e-2, 0.2e-2])  # linear towards 0 at step 10
+    args = train.parse_args(["--max-steps", "1000", "--warmup", "1", "--lr", "1e-2", "--lr-decay", "0.5",
+                             "--time-limit", "1"])
+    assert train.learning_rate(args, 100, 15.0) == pytest.approx(1e-2)  # 10 % of the steps, 25 % of the time
+    assert train.learning_rate(args, 100, 45.0) == pytest.approx(0.5e-2)  # the clock is further along: 75 %
+    assert train.learning_rate(args, 900, 15.0) == pytest.approx(0.2e-2)  # the steps are: 90 %
+    assert train.learning_rate(args, 100, 70.0) == 0  # past the time limit
+    args.lr_decay = 0.0
+    assert train.learning_rate(args, 999, 59.0) == pytest.approx(1e-2)  # no decay: constant to the end
+    with pytest.raises(SystemExit, match="--lr-decay must lie in"):
+        fake(tmp_path, "bad", "--lr-decay", "1.5")
+
+
 def test_resume_keeps_the_run_settings_and_refuses_other_data(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         stop_at(m, 3)
