@@ -16,9 +16,11 @@ References:
    is T^2 (grad log p_T - grad log q_T) (Tweedie), tested in tests/test_fields.py.
 """
 
+import contextlib
 import hashlib
 import math
 import os
+import threading
 
 import torch
 import torch.nn as nn
@@ -36,9 +38,23 @@ def _check_temperature(*temperatures):
             raise ValueError(f"temperature must be a positive finite number (e.g. 0.05), got {t}")
 
 
+_checked = threading.local()  # .on: drift_loss or normalised_drift checked the inputs its inner calls get
+
+
+@contextlib.contextmanager
+def _inputs_checked():  # inside, _check_points trusts: no second pass over the data, no GPU sync to report it
+    before, _checked.on = getattr(_checked, "on", False), True
+    try:
+        yield
+    finally:
+        _checked.on = before
+
+
 def _check_points(x, y_pos=None, y_neg=None, weights=None, names=("x", "y_pos", "y_neg")):
     """One clear ValueError for the mistakes people make with point sets [..., N, D] and weights [..., Nn]:
     not a tensor, empty, mismatched dims, NaN or inf (one poisons a whole field silently), negative weights."""
+    if getattr(_checked, "on", False):
+        return
     named = [(name, t, dims) for name, t, dims in zip((*names, "neg_weights"), (x, y_pos, y_neg, weights), (2, 2, 2, 1))
              if t is not None]  # dims: 2 for point sets [..., N, D], 1 for weights [..., Nn]
     for name, t, dims in named:
@@ -503,6 +519,9 @@ def _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weigh
     if field == "nystrom" and (nystrom is None or len(nystrom) != len(temperatures)):
         raise ValueError("field='nystrom' needs one fitted NystromField per temperature (build_nystrom_fields)")
     _check_points(x, y_pos, y_neg, neg_weights)
+    if field == "nystrom" and any(f.landmarks.shape[-1] != x.shape[-1] for f in nystrom):
+        raise ValueError(f"x has dimension {x.shape[-1]} but the NystromFields' landmarks "
+                         f"{nystrom[0].landmarks.shape[-1]}: they must match")
     for name, t, d in (("y_pos", y_pos, 2), ("y_neg", y_neg, 2), ("neg_weights", neg_weights, 1)):
         lead = () if t is None else t.shape[:-d]  # must broadcast to x's leading dims: each 1 or equal
         if len(lead) > x.dim() - 2 or any(a not in (1, b) for a, b in zip(lead[::-1], x.shape[-3::-1])):
@@ -522,13 +541,14 @@ def normalised_drift(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), 
     v_total, raw_norms = torch.zeros_like(_fp32(x)), []
     for i, t in enumerate(temperatures):
         t_eff = t * math.sqrt(c)
-        if field == "exact":
-            v = drift_field(x, y_pos, y_neg, t_eff, neg_weights, mask_self, affinity_floor=affinity_floor)
-        else:
-            if not math.isclose(nystrom[i].temperature, t_eff, rel_tol=1e-5):
-                raise ValueError(f"NystromField {i} has temperature {nystrom[i].temperature:g}, expected "
-                                 f"{t_eff:g} (= {t} * sqrt({c})): build it with build_nystrom_fields")
-            v = nystrom[i](x, y_neg, classes, neg_weights, mask_self)
+        if field == "nystrom" and not math.isclose(nystrom[i].temperature, t_eff, rel_tol=1e-5):
+            raise ValueError(f"NystromField {i} has temperature {nystrom[i].temperature:g}, expected "
+                             f"{t_eff:g} (= {t} * sqrt({c})): build it with build_nystrom_fields")
+        with _inputs_checked():
+            if field == "exact":
+                v = drift_field(x, y_pos, y_neg, t_eff, neg_weights, mask_self, affinity_floor=affinity_floor)
+            else:
+                v = nystrom[i](x, y_neg, classes, neg_weights, mask_self)
         rms = v.square().mean().sqrt()  # sqrt(E ||V||^2 / C) over the batch
         raw_norms.append(rms)
         v_total += v / rms.clamp_min(1e-12)
@@ -554,15 +574,18 @@ def drift_loss(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field=
         columns = torch.cat([negatives.expand(*lead, *negatives.shape[-2:]), y_pos.expand(*lead, *y_pos.shape[-2:])], -2)
         w = None if neg_weights is None else torch.cat([neg_weights.expand(*lead, negatives.shape[-2]),
                                                         neg_weights.new_ones(*lead, y_pos.shape[-2])], -1)
-        scale = feature_scale(x, columns, w, mask_self=y_neg is None or bool(mask_self))
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    if not (torch.isfinite(scale).all() and (scale > 0).all()):
-        raise ValueError(f"scale must be positive and finite (feature_scale gives one), got {scale}")
+        with _inputs_checked():
+            scale = feature_scale(x, columns, w, mask_self=y_neg is None or bool(mask_self)).float()
+    else:
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+        if not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError(f"scale must be positive and finite (feature_scale gives one), got {scale}")
     x_n = x.float() / scale  # (..., N, C), carries the gradient
     y_pos_n = None if y_pos is None else y_pos.detach().float() / scale
     y_neg_n = None if y_neg is None else y_neg.detach().float() / scale
-    v, raw_norms = normalised_drift(x_n, y_pos_n, y_neg_n, temperatures, field, nystrom, neg_weights, mask_self,
-                                    classes, affinity_floor)
+    with _inputs_checked():
+        v, raw_norms = normalised_drift(x_n, y_pos_n, y_neg_n, temperatures, field, nystrom, neg_weights,
+                                        mask_self, classes, affinity_floor)
     loss = F.mse_loss(x_n, (x_n + v).detach())
     return loss, {"drift_norm": raw_norms.mean(), "scale": scale}
 

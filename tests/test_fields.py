@@ -467,6 +467,7 @@ def test_nystrom_takes_float64_and_half_queries_like_the_other_fields():
     ({"field": "nystrom", "classes": torch.tensor([0, 3])}, "classes must be"),
     ({"field": "nystrom", "classes": torch.tensor([0, 1]), "y_pos": torch.randn(2, 20, 4)}, "pass y_pos=None"),
     ({"field": "nystrom", "classes": torch.tensor([-1, 0])}, "classes must be"),
+    ({"field": "nystrom", "classes": torch.tensor([0, 1]), "x": torch.randn(2, 6, 3)}, "dimension 3 but the Nys"),
 ])
 def test_drift_loss_refuses_what_the_fields_refuse_with_a_value_error(kwargs, message):
     g = gen(25)
@@ -478,6 +479,21 @@ def test_drift_loss_refuses_what_the_fields_refuse_with_a_value_error(kwargs, me
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         drift_loss(**args)
+
+
+def test_drift_loss_checks_once_inside_and_every_call_still_checks_after_it_raised_there():
+    g = gen(26)
+    one, y_pos = torch.randn(3, 1, 4, generator=g), torch.randn(3, 20, 4, generator=g)
+    with pytest.raises(ValueError, match="no negative of positive weight"):
+        drift_loss(one, y_pos)  # raised by drift_field inside drift_loss, where the input checks are skipped
+    with pytest.raises(ValueError, match="x has 1 non-finite"):
+        drift_field(poisoned(torch.randn(30, 4), 3), y_pos[0])  # the skip did not outlive the error
+    x = torch.randn(3, 6, 4, generator=g)  # and the loss is the same whether its inner calls check or not
+    loss, stats = drift_loss(x, y_pos, temperatures=(0.05, 0.2))
+    x_n, y_n = x / stats["scale"], y_pos / stats["scale"]
+    v = sum(drift_field(x_n, y_n, None, t * 2.0) / drift_field(x_n, y_n, None, t * 2.0).square().mean().sqrt()
+            for t in (0.05, 0.2))
+    assert math.isclose(loss.item(), v.square().mean().item(), rel_tol=1e-5)
 
 
 def test_infinite_temperatures_bad_classes_and_bad_labels_are_refused_everywhere():
