@@ -41,9 +41,13 @@ def _check_temperature(*temperatures):
 _checked = threading.local()  # .on: drift_loss or normalised_drift checked the inputs its inner calls get
 
 
+def _trusted():
+    return getattr(_checked, "on", False)
+
+
 @contextlib.contextmanager
-def _inputs_checked():  # inside, _check_points trusts: no second pass over the data, no GPU sync to report it
-    before, _checked.on = getattr(_checked, "on", False), True
+def _inputs_checked():  # inside, the input checks trust: no second pass over the data, no GPU sync to report it
+    before, _checked.on = _trusted(), True
     try:
         yield
     finally:
@@ -53,7 +57,7 @@ def _inputs_checked():  # inside, _check_points trusts: no second pass over the 
 def _check_points(x, y_pos=None, y_neg=None, weights=None, names=("x", "y_pos", "y_neg")):
     """One clear ValueError for the mistakes people make with point sets [..., N, D] and weights [..., Nn]:
     not a tensor, empty, mismatched dims, NaN or inf (one poisons a whole field silently), negative weights."""
-    if getattr(_checked, "on", False):
+    if _trusted():
         return
     named = [(name, t, dims) for name, t, dims in zip((*names, "neg_weights"), (x, y_pos, y_neg, weights), (2, 2, 2, 1))
              if t is not None]  # dims: 2 for point sets [..., N, D], 1 for weights [..., Nn]
@@ -111,7 +115,7 @@ def _negatives(x, y_neg, mask_self, weights=None):
         raise ValueError("mask_self=True needs the first N negatives to be the N queries themselves")
     alive = torch.ones(n_neg, dtype=torch.long) if weights is None else (weights > 0).long()  # (..., Nn)
     left = alive.sum(-1, keepdim=True) - (alive[..., :n] if mask_self else 0)  # (..., N) negatives a query sees
-    if left.min() < 1:
+    if not _trusted() and left.min() < 1:
         raise ValueError(f"query {int(left.flatten().argmin()) % left.shape[-1]} has no negative of positive weight "
                          "(other than itself): no field; use >= 2 generated samples per field, or more weights > 0")
     return y_neg, mask_self
@@ -491,7 +495,7 @@ def feature_scale(x, y=None, weights=None, mask_self=False):
         if mask_self:
             w[..., :, :x.shape[-2]].diagonal(dim1=-2, dim2=-1).zero_()
         total = w.sum()
-        if not total > 0:
+        if not _trusted() and not total > 0:  # inside drift_loss the positives are columns of weight 1
             raise ValueError("feature_scale has no pair of points of positive weight to measure: give it >= 2 points")
         return ((dist * w).sum() / total / math.sqrt(x.shape[-1])).clamp_min(1e-12)
 
@@ -507,7 +511,7 @@ def build_nystrom_fields(y, landmarks, temperatures, scale, labels=None, ridge=1
             for t in temperatures]
 
 
-def _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weights):
+def _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weights, mask_self):
     """What drift_loss and normalised_drift refuse up front: bad settings, bad points, unbroadcastable dims."""
     if field not in ("exact", "nystrom"):
         raise ValueError(f"unknown field {field!r}; choose exact or nystrom")
@@ -526,6 +530,7 @@ def _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weigh
         lead = () if t is None else t.shape[:-d]  # must broadcast to x's leading dims: each 1 or equal
         if len(lead) > x.dim() - 2 or any(a not in (1, b) for a, b in zip(lead[::-1], x.shape[-3::-1])):
             raise ValueError(f"{name} has leading dims {tuple(lead)}, x {tuple(x.shape[:-2])}: each must be 1 or equal")
+    _negatives(x, y_neg, mask_self, neg_weights)  # every query has a negative of positive weight
 
 
 def normalised_drift(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field="exact", nystrom=None,
@@ -536,7 +541,7 @@ def normalised_drift(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), 
     the batch. field="exact": Algorithm 2 against y_pos. field="nystrom": `nystrom` is a list of NystromField,
     one per temperature (build_nystrom_fields). Returns (V [..., N, C], raw RMS per temperature [len(T)]).
     """
-    _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weights)
+    _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weights, mask_self)
     c = x.shape[-1]
     v_total, raw_norms = torch.zeros_like(_fp32(x)), []
     for i, t in enumerate(temperatures):
@@ -565,7 +570,7 @@ def drift_loss(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field=
     field="nystrom" needs `scale`: the one the NystromFields were built with (their summaries are fixed, so
     the scale must be too); field="exact" computes it from the batch when not given. Returns (loss, stats).
     """
-    _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weights)
+    _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weights, mask_self)
     if scale is None:
         if field != "exact":
             raise ValueError("drift_loss needs `scale` for field='nystrom': the one its NystromFields were built with")

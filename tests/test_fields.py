@@ -496,6 +496,24 @@ def test_drift_loss_checks_once_inside_and_every_call_still_checks_after_it_rais
     assert math.isclose(loss.item(), v.square().mean().item(), rel_tol=1e-5)
 
 
+def test_drift_loss_reads_tensor_values_on_the_host_only_for_its_one_round_of_checks(monkeypatch):
+    # each read (bool, item, ...) of a CUDA tensor waits for the GPU; the inner calls used to check again:
+    # 12 reads a call (18 with CFG weights), for one field per feature group and step
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, **k: reads.append(1) or _f(self, *a, **k))
+    g = gen(27)
+    x, y_pos = torch.randn(10, 16, 8, generator=g), torch.randn(10, 64, 8, generator=g)
+    y_neg = torch.cat([x, torch.randn(10, 16, 8, generator=g)], -2)
+    weights = torch.cat([torch.ones(10, 16), torch.full((10, 16), 0.5)], -1)
+    drift_loss(x, y_pos)
+    assert len(reads) == 2  # finite inputs; a negative for every query (a CPU tensor here, no GPU wait)
+    reads.clear()
+    drift_loss(x, y_pos, y_neg, neg_weights=weights, mask_self=True)
+    assert len(reads) == 3  # and the weights >= 0
+
+
 def test_infinite_temperatures_bad_classes_and_bad_labels_are_refused_everywhere():
     x, y = torch.randn(10, 4), torch.randn(20, 4)
     for call in (lambda: drift_field(x, y, None, math.inf), lambda: mean_shift_field(x, y, None, math.inf),
