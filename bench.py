@@ -56,7 +56,7 @@ strategies = "random,kmeans"  # landmark strategies (fidelity)
 fidelity_temperatures = "0.02,0.05,0.2"  # temperatures of the fidelity table
 feature_cache = ""  # folder to keep encoded features between runs ("" = none)
 step_steps = 5  # train.py steps timed per field
-step_images = 6000  # training images kept for the step benchmark (a step's cost does not depend on it)
+step_images = 15000  # training images kept for the step benchmark (a step's cost does not depend on it; >= 1,024 a class)
 _defaults = {k: v for k, v in globals().items() if k not in _before and not k.startswith("_")}
 CHOICES = {"queries": ("data", "far"), "encoder": ("resnet18-random", "pixels")}
 SECTIONS = ("fields", "memory", "fidelity", "step")
