@@ -844,12 +844,13 @@ class Generator(nn.Module):
     """
 
     def __init__(self, image_size=32, channels=3, num_classes=10, patch_size=4, dim=256, depth=6, heads=4,
-                 mlp_ratio=4.0, style_tokens=32, style_codebook=64, out_init=1.0):
+                 mlp_ratio=4.0, style_tokens=32, style_codebook=64, out_init=1.0, black_floor=False):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
         self.image_size, self.channels, self.patch_size = image_size, channels, patch_size
         self.num_classes, self.style_tokens, self.style_codebook = num_classes, style_tokens, style_codebook
+        self.black_floor = black_floor
         self.patch_embed = nn.Conv2d(channels, dim, patch_size, patch_size)  # patchify
         self.register_buffer("positions", sincos_positions(image_size // patch_size, dim), persistent=False)
         self.class_embed = nn.Embedding(num_classes, dim)
@@ -891,7 +892,9 @@ class Generator(nn.Module):
         shift, scale = self.final_modulation(F.silu(c)).chunk(2, -1)
         x = self.out(modulate(self.final_norm(x), shift, scale))  # (N, T, p*p*C)
         x = x.view(-1, side, side, p, p, self.channels).permute(0, 5, 1, 3, 2, 4)  # (N, C, side, p, side, p)
-        return x.reshape(-1, self.channels, self.image_size, self.image_size)
+        x = x.reshape(-1, self.channels, self.image_size, self.image_size)
+        # black_floor: max(x, -1), so that any value below black is black, as a background of exact zeros needs
+        return x.clamp_min(-1) if self.black_floor else x
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -949,7 +952,7 @@ def generator_from_args(a):
     """The generator a run's arguments (a plain dict, as stored in a checkpoint) describe."""
     patch = a["patch_size"] or a["image_size"] // 4
     return Generator(a["image_size"], a["channels"], a["num_classes"], patch, style_tokens=a["style_tokens"],
-                     out_init=a.get("out_init", 0.0), **GENERATORS[a["model"]])
+                     out_init=a.get("out_init", 0.0), black_floor=a.get("black_floor", False), **GENERATORS[a["model"]])
 
 
 def load_generator(path, device="cpu", ema=True):

@@ -62,6 +62,7 @@ save_fields = False  # also write the Nystrom summaries to <out-dir>/fields.pt
 model = "tiny"  # tiny | small | base (drift.GENERATORS)
 patch_size = 0  # 0: image-size // 4, a 4x4 token grid (CPU-friendly; DiT uses 2 or 4 on GPUs)
 out_init = 1.0  # RMS of the output pixels at initialisation, a function of the noise (0: DiT's zero output, every sample starts identical)
+black_floor = False  # the generator's output is max(x, -1): below black is black (MNIST-style data: most pixels are)
 style_tokens = 32  # random style tokens summed into the conditioning (0: none)
 lr = 2e-3  # high for a small model and a short run (DiT-size models: 2e-4)
 warmup = 100  # linear warm-up steps
@@ -99,7 +100,7 @@ _natural = dict(encoder="mae", model="small", patch_size=2, gen_per_class=64, po
 # MNIST-style: 4x4-pixel patches (a 7x7 token grid; 7x7 patches left seams and one style a class), 256
 # positives a class for the exact field and 1,024 landmarks a class for the Nystrom one (128 summarised each
 # class too coarsely: FID 82 against 56 in the same 30 minutes; BENCHMARKS.md §5 measures all three)
-_digits = dict(encoder="pixel", patch_size=4, pos_per_class=256, landmarks=1024)
+_digits = dict(encoder="pixel", patch_size=4, pos_per_class=256, landmarks=1024, black_floor=True)
 PRESETS = {"mnist": _digits, "fashion-mnist": _digits, "cifar10": _natural,
            "cifar100": dict(_natural, landmarks=150), "svhn": _natural, "imagefolder": _natural,
            "fake": dict(encoder="pixel")}

@@ -98,6 +98,25 @@ def test_output_init_gives_each_sample_its_own_start_of_the_requested_spread():
     assert torch.equal(old(n, torch.arange(3), torch.ones(3), s), torch.zeros(3, 3, 16, 16))
 
 
+def test_black_floor_makes_every_value_below_black_black_and_stops_the_gradient_only_there():
+    args = dict(image_size=16, channels=3, num_classes=4, patch_size=4, style_tokens=4, model="tiny", out_init=2.0)
+    free, floored = drift.generator_from_args(args), drift.generator_from_args(dict(args, black_floor=True))
+    floored.load_state_dict(free.state_dict())
+    noise, style = free.make_noise(8, torch.Generator().manual_seed(1))
+    labels, alpha = torch.arange(8) % 4, torch.ones(8)
+    x, y = free(noise, labels, alpha, style), floored(noise, labels, alpha, style)
+    below = x < -1
+    assert 0.1 < below.float().mean() < 0.5 and (x > 1).any()  # at RMS 2 many pixels leave [-1, 1] on both sides
+    assert torch.equal(y[below], torch.full_like(y[below], -1.0)) and torch.equal(y[~below], x[~below])  # above: as is
+    # a loss on the floored image: the gradient of the pixels below black is 0, the others' as without the floor
+    target = torch.randn_like(x)
+    (gx,) = torch.autograd.grad((x * target * ~below).sum(), free.out.weight)
+    (gy,) = torch.autograd.grad((y * target).sum(), floored.out.weight)
+    assert torch.allclose(gx, gy, rtol=1e-5, atol=1e-6) and gy.abs().sum() > 0
+    # checkpoints from before this option have no black_floor in their args: no floor
+    assert drift.generator_from_args(args).black_floor is False
+
+
 def test_bad_encoder_names_and_weights_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="unknown encoder 'vgg'.*pixel"):
         drift.Encoder("vgg")
