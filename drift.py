@@ -840,7 +840,7 @@ class Generator(nn.Module):
     the output layer, but then every sample starts at x = 0 and all get the same drift: a symmetric start the
     field cannot break, from which the generator spreads out slowly (BENCHMARKS.md §5). out_init > 0 draws the
     output layer so that the output starts as a per-patch function of the noise with pixel RMS out_init;
-    out_init = 0 is DiT's zero start.
+    out_init = 0 is DiT's zero start. black_floor: the output is max(x, -1), for data whose background is black.
     """
 
     def __init__(self, image_size=32, channels=3, num_classes=10, patch_size=4, dim=256, depth=6, heads=4,
@@ -893,8 +893,7 @@ class Generator(nn.Module):
         x = self.out(modulate(self.final_norm(x), shift, scale))  # (N, T, p*p*C)
         x = x.view(-1, side, side, p, p, self.channels).permute(0, 5, 1, 3, 2, 4)  # (N, C, side, p, side, p)
         x = x.reshape(-1, self.channels, self.image_size, self.image_size)
-        # black_floor: max(x, -1), so that any value below black is black, as a background of exact zeros needs
-        return x.clamp_min(-1) if self.black_floor else x
+        return x.clamp_min(-1) if self.black_floor else x  # any value below black is black
 
 
 # ----------------------------------------------------------------------------------------------------------
