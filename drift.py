@@ -609,11 +609,10 @@ def patch_statistics(fmap, patch=0, eps=1e-6):
     return mean.flatten(2).permute(2, 0, 1), std.flatten(2).permute(2, 0, 1)  # (h*w, N, C) each
 
 
-def feature_groups(fmaps, image, patches=(2, 4), edges=False):
+def feature_groups(fmaps, image, patches=(2, 4)):
     """The feature groups of [1] A.5, each [locations, N, C] (one drift problem per location): for every
-    map its per-location vectors, per-channel mean and std over the map and over 2x2 and 4x4 patches, the
-    raw input flattened ("pixel"), and if edges, its differences between neighbouring pixels ("edges": seams
-    and texture, which distances between whole images barely see)."""
+    map its per-location vectors, per-channel mean and std over the map and over 2x2 and 4x4 patches, and
+    the raw input flattened ("pixel")."""
     groups = {}
     for name, fmap in fmaps.items():  # fmap (N, C, H, W)
         groups[f"{name}.loc"] = fmap.flatten(2).permute(2, 0, 1)  # (H*W, N, C)
@@ -623,9 +622,6 @@ def feature_groups(fmaps, image, patches=(2, 4), edges=False):
             mean, std = patch_statistics(fmap, patch)
             groups[f"{name}.mean{patch or ''}"], groups[f"{name}.std{patch or ''}"] = mean, std
     groups["pixel"] = image.flatten(1).unsqueeze(0)  # (1, N, C*H*W)
-    if edges:
-        dx, dy = image.diff(dim=-1).flatten(1), image.diff(dim=-2).flatten(1)
-        groups["edges"] = torch.cat([dx, dy], 1).unsqueeze(0)  # (1, N, 2*C*H*W - C*(H+W))
     return groups
 
 
@@ -765,7 +761,7 @@ class Encoder(nn.Module):
         x = images
         if self.resolution is not None and tuple(x.shape[-2:]) != (self.resolution,) * 2:
             x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", align_corners=False)
-        return feature_groups(self.net(x), images, self.patches, edges=isinstance(self.net, PixelBackbone))
+        return feature_groups(self.net(x), images, self.patches)
 
 
 def _load_mae(in_channels, weights):

@@ -44,7 +44,7 @@ field = "nystrom"  # nystrom (DriftXpress projected attraction) | exact (Algorit
 encoder = "auto"  # auto (by dataset) | pixel | mae (trained and cached on first use) | resnet18 | resnet50 | dinov2_vits14 | dinov2_vitb14
 encoder_weights = ""  # local weights file (mae: empty = the cached one for this dataset, trained if missing)
 encoder_resolution = 0  # resize images to this before the encoder (0: as they are)
-groups = "auto"  # feature groups used, comma-separated (e.g. pixel,edges or pixel,x4.loc); auto: pixel alone for --encoder pixel, else all
+groups = "auto"  # feature groups used, comma-separated (e.g. pixel,x4.loc); auto: pixel alone for --encoder pixel, else all
 temperatures = ()  # summed, each drift RMS-normalised [1] A.6; empty: 0.02 0.05 0.2 (exact, [1]), 0.05 0.1 0.2 (nystrom)
 classes_per_step = 10  # Nc classes per batch
 gen_per_class = 16  # Nneg generated samples per class (they are also the negatives)

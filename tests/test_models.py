@@ -24,16 +24,6 @@ def test_pixel_groups_are_the_documented_statistics():
     assert torch.allclose(groups["x4.std2"][1], (fmap[:, :, 0:2, 2:4].var((2, 3), unbiased=False) + 1e-6).sqrt(), atol=1e-5)
     assert groups["x4.mean4"].shape == (1, 3, 32)
     assert torch.allclose(groups["x4.mean4"][0], groups["x4.mean"][0], atol=1e-6)  # one 4x4 patch = the whole map
-    # edges: every horizontal then every vertical neighbour difference, blind to a constant shift
-    img = image.double()
-    assert groups["edges"].shape == (1, 3, 2 * 2 * 16 * 15)
-    for n in range(3):
-        dx = [img[n, c, i, j + 1] - img[n, c, i, j] for c in range(2) for i in range(16) for j in range(15)]
-        dy = [img[n, c, i + 1, j] - img[n, c, i, j] for c in range(2) for i in range(15) for j in range(16)]
-        assert torch.allclose(groups["edges"][0, n].double(), torch.stack(dx + dy), atol=1e-6)
-    shifted = drift.Encoder("pixel", in_channels=2)(image + 0.5)
-    assert torch.allclose(shifted["edges"], groups["edges"], atol=1e-6)
-    assert "edges" not in drift.feature_groups({}, image)  # only the pixel encoder adds it
 
 
 def test_std_of_constant_features_has_finite_gradient():
