@@ -338,7 +338,7 @@ class NystromField:
     phi(x) = k(x, U) (W + ridge I)^(-1/2). Attraction against ALL positives through cached sums
     s = sum_j phi(y_j) [M] and S = sum_j phi(y_j) y_j^T [M, D]: b_pos(x) = phi(x)^T S / phi(x)^T s, at a cost
     O(N M D) a step, whatever the number of positives. The field is the one-sided mean shift b_pos - b_neg
-    with exact repulsion over the negatives (as the authors do, for stability) or, optionally, projected.
+    with exact repulsion over the negatives, as the authors do, for stability.
     Leading dims of the landmarks are independent fields; fit(..., labels) builds one per class.
     """
 
@@ -450,30 +450,14 @@ class NystromField:
                 b_pos = torch.where(ok, b_pos, (k @ u) / k.sum(-1, keepdim=True))
             return b_pos
 
-    def __call__(self, x, y_neg=None, classes=None, neg_weights=None, mask_self=None, projected_repulsion=False):
+    def __call__(self, x, y_neg=None, classes=None, neg_weights=None, mask_self=None):
         """The projected field V(x) = b_pos(x) - b_neg(x); y_neg=None means the queries repel each other."""
         b_pos = self.attraction(x, classes)
-        if projected_repulsion and (y_neg is not None or neg_weights is not None):
-            raise ValueError("projected repulsion uses the batch itself as negatives: pass y_neg=None")
         _check_points(x, None, y_neg, neg_weights)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             x, y_neg, neg_weights = _fp32(x), _fp32(y_neg), _fp32(neg_weights)
             y_neg, mask_self = _negatives(x, y_neg, mask_self, neg_weights)
-            if projected_repulsion:
-                return b_pos - self._projected_repulsion(x.double(), classes).to(x.dtype)
             return b_pos - _repulsion(x, y_neg, self.temperature, self.kernel, neg_weights, mask_self)
-
-    def _projected_repulsion(self, x, classes):
-        """Batch summaries from phi of the queries, each query's own term subtracted, in float64."""
-        u, w_inv_sqrt = self._pick(self.landmarks, classes).double(), self._pick(self.w_inv_sqrt, classes)
-        k, shift = self._kernel_rows(x, u)  # (..., N, M), (..., N, 1)
-        phi_shifted = k @ w_inv_sqrt  # query side, shifted
-        phi = phi_shifted * shift.exp()  # summary side, true scale
-        s_batch, S_batch = phi.sum(-2, keepdim=True), phi.mT @ x  # (..., 1, M), (..., M, D)
-        own = (phi_shifted * phi).sum(-1, keepdim=True)  # (..., N, 1)
-        num = phi_shifted @ S_batch - own * x
-        den = (phi_shifted * s_batch).sum(-1, keepdim=True) - own
-        return num / torch.where(den > 0, den, math.inf)  # no projected density: no repulsion
 
 
 # ----------------------------------------------------------------------------------------------------------

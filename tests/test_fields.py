@@ -257,13 +257,6 @@ def test_summaries_from_chunks_and_shards_equal_one_shot():
     assert close(v[1], alone)
 
 
-def test_projected_repulsion_equals_exact_when_the_batch_is_landmarked():
-    g = gen(14)
-    y_pos, x = torch.randn(60, 3, generator=g), torch.randn(25, 3, generator=g)
-    field = NystromField(torch.cat([y_pos, x]), 1.0, ridge=1e-10).fit(y_pos)
-    assert close(field(x, projected_repulsion=True), mean_shift_field(x, y_pos, None, 1.0), rel=1e-4)
-
-
 def test_field_fidelity_definitions():
     v = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     approx = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
@@ -414,7 +407,6 @@ def test_layouts_where_a_query_has_no_negative_of_positive_weight_are_refused():
     alpha_one = torch.cat([torch.ones(3, 1), torch.zeros(3, 4)], -1)  # CFG alpha = 1: unconditional weights 0
     for call in (lambda: drift_field(one, y_pos),  # V was exactly 0
                  lambda: field(one[0]),  # repulsion 0/1e-30: V was the attraction's absolute position
-                 lambda: field(one[0], projected_repulsion=True),
                  lambda: drift_field(one, y_pos, torch.cat([one, y_unc], -2), 1.0, alpha_one, mask_self=True),
                  lambda: mean_shift_field(one, y_pos, torch.cat([one, y_unc], -2), 1.0, neg_weights=alpha_one, mask_self=True),
                  lambda: mean_shift_field(y_pos[0], y_pos[1], y_unc[0], 1.0, neg_weights=torch.zeros(4)),
@@ -438,14 +430,12 @@ def test_nystrom_takes_float64_and_half_queries_like_the_other_fields():
     y_pos, x = torch.randn(80, 5, generator=g), torch.randn(30, 5, generator=g)
     for folded in (True, False):
         field = NystromField(y_pos[:20], 1.0, folded=folded).fit(y_pos)
-        for kwargs in ({}, {"projected_repulsion": True}):
-            v32 = field(x, **kwargs)
-            v64 = field(x.double(), **kwargs)
-            assert v64.dtype == drift_field(x.double(), y_pos).dtype == torch.float64
-            assert close(v64, v32, rel=1e-4)
-            for half in (torch.float16, torch.bfloat16):
-                v = field(x.to(half), **kwargs)
-                assert v.dtype == torch.float32 and close(v, field(x.to(half).float(), **kwargs))
+        v32, v64 = field(x), field(x.double())
+        assert v64.dtype == drift_field(x.double(), y_pos).dtype == torch.float64
+        assert close(v64, v32, rel=1e-4)
+        for half in (torch.float16, torch.bfloat16):
+            v = field(x.to(half))
+            assert v.dtype == torch.float32 and close(v, field(x.to(half).float()))
     # per class too, where the unfolded (and so the float64) path used to pick s along the wrong dim
     _, y, labels = fitted_per_class()
     u, queries, classes = select_landmarks(y, 5, labels=labels, generator=gen(0)), torch.randn(2, 7, 4), torch.tensor([2, 0])
