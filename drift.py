@@ -85,24 +85,34 @@ def _fp32(t):
     return None if t is None else t.detach().to(torch.promote_types(t.dtype, torch.float32))
 
 
-def pairwise_distance(x, y):
-    """L2 distances (not squared) between rows: x [..., N, D], y [..., M, D] -> [..., N, M]."""
-    batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+def _centred(y):
+    """What pairwise_distance needs of y [..., M, D]: its mean [..., 1, D], y about it, and those rows' squared
+    norms [..., M]. A set that is used again and again (landmarks) is centred once."""
     centre = y.mean(-2, keepdim=True)  # distances are translation invariant; centring cuts rounding error
+    y = y - centre
+    return centre, y, torch.linalg.vector_norm(y, dim=-1).square_()
+
+
+def pairwise_distance(x, y, y_centred=None):
+    """L2 distances (not squared) between rows: x [..., N, D], y [..., M, D] -> [..., N, M].
+    y_centred: _centred(y), when the caller keeps it."""
+    centre, y, y_sq = y_centred or _centred(y)
+    batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
     x = (x - centre).expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:])  # (B, N, D)
-    y = (y - centre).expand(*batch, *y.shape[-2:]).reshape(-1, *y.shape[-2:])  # (B, M, D)
+    y_sq = y_sq.expand(*batch, y.shape[-2]).reshape(-1, 1, y.shape[-2])  # (B, 1, M)
+    y = y.expand(*batch, *y.shape[-2:]).reshape(-1, *y.shape[-2:])  # (B, M, D)
     # |x|^2 + |y|^2 - 2 x.y with the |y|^2 term fused into the matmul; rounding can dip below zero
-    d2 = torch.baddbmm(torch.linalg.vector_norm(y, dim=-1).square_().unsqueeze(1), x, y.mT, alpha=-2)  # (B, N, M)
+    d2 = torch.baddbmm(y_sq, x, y.mT, alpha=-2)  # (B, N, M)
     d2.add_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_())  # norms without (N, D) temporaries
     return d2.clamp_min_(0).sqrt_().view(*batch, x.shape[1], y.shape[1])
 
 
-def log_kernel(x, y, temperature, kernel="laplace"):
+def log_kernel(x, y, temperature, kernel="laplace", y_centred=None):
     """log k(x, y): laplace k = exp(-r/T), gaussian k = exp(-r^2 / (2 T^2)); [..., N, M]."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
     _check_temperature(temperature)
-    r = pairwise_distance(x, y)
+    r = pairwise_distance(x, y, y_centred)
     return r.mul_(-1.0 / temperature) if kernel == "laplace" else r.square_().mul_(-0.5 / temperature**2)
 
 
@@ -356,13 +366,13 @@ class NystromField:
         evals, evecs = torch.linalg.eigh(w + ridge * torch.eye(w.shape[-1], dtype=w.dtype, device=w.device))
         evals = evals.clamp_min(max(ridge, 1e-12 * float(evals.max())))
         self.w_inv_sqrt = (evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.mT  # (..., M, M) float64
-        self.s = self.S = None
+        self.s = self.S = self._u_centred = None
         self.count = 0
 
-    def _kernel_rows(self, x, u):
+    def _kernel_rows(self, x, u, u_centred=None):
         """k(x, U) [..., N, M] with each row divided by its largest entry, and that row's log shift [..., N, 1].
         The shift cancels in every ratio, so far-away queries and small temperatures never give 0/0."""
-        log_k = log_kernel(x, u.to(x.dtype), self.temperature, self.kernel)
+        log_k = log_kernel(x, u.to(x.dtype), self.temperature, self.kernel, u_centred)
         shift = log_k.amax(-1, keepdim=True)
         return (log_k - shift).exp_(), shift
 
@@ -421,6 +431,11 @@ class NystromField:
     def _pick(self, t, classes):
         return t if classes is None else t.index_select(t.dim() - 3, torch.as_tensor(classes, device=t.device))
 
+    def _covers(self, classes):
+        """Whether classes [K'] name every class of the landmarks exactly once (a permutation of 0..K-1)."""
+        k = self.landmarks.shape[-3]
+        return len(classes) == k and bool((torch.bincount(classes, minlength=k) == 1).all())
+
     def attraction(self, x, classes=None):
         """b_pos(x) = phi(x)^T S / phi(x)^T s, the projected barycentre of all positives. x [..., N, D];
         with classes [K'], x is [..., K', N, D] and row k of it is attracted to class classes[k]."""
@@ -430,10 +445,21 @@ class NystromField:
         if classes is not None:
             n = x.shape[-3] if x.dim() > 2 else 0
             classes = _check_classes("classes", classes, n, "field of x [..., K', N, D]", self.landmarks)
+            # every class once (a class-balanced batch): put the few queries into the landmarks' class order,
+            # rather than copy the many landmarks and summaries into the batch's order
+            if self._covers(classes):
+                dim = x.dim() - 3
+                with torch.no_grad():
+                    return self.attraction(x.index_select(dim, classes.argsort()), None).index_select(dim, classes)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             x = _fp32(x)  # float32, or float64 for float64 queries as the other fields
             u = self._pick(self.landmarks, classes).to(x.dtype)
-            k, _ = self._kernel_rows(x, u)  # (..., N, M), the largest weight in a row is 1
+            if classes is None and x.dtype == torch.float32:  # the landmarks centred once, for every step
+                if self._u_centred is None:
+                    self._u_centred = _centred(u)
+                k, _ = self._kernel_rows(x, u, self._u_centred)  # (..., N, M), the largest weight in a row is 1
+            else:
+                k, _ = self._kernel_rows(x, u)
             if self.folded and x.dtype == torch.float32:
                 out = k @ self._pick(self.folded_summaries, classes)  # (..., N, D+1)
                 num, den = out[..., :-1], out[..., -1:]

@@ -257,6 +257,27 @@ def test_summaries_from_chunks_and_shards_equal_one_shot():
     assert close(v[1], alone)
 
 
+def test_a_batch_with_every_class_once_gets_each_class_its_own_field_in_any_order():
+    # every class once: the queries are reordered into the landmarks' class order (no copy of the summaries);
+    # each row must get what picking its class's landmarks gives, and what that class's field alone gives
+    g = gen(14)
+    y_pos, labels = torch.randn(400, 5, generator=g), torch.randint(0, 4, (400,), generator=g)
+    u = select_landmarks(y_pos, 8, "random", labels=labels, generator=gen(3))  # (4, 8, 5)
+    field = NystromField(u, 1.5).fit(y_pos, labels=labels)
+    x = torch.randn(2, 4, 6, 5, generator=g)  # (locations, classes, N, D)
+    perm = torch.tensor([2, 0, 3, 1])
+    v = field.attraction(x, perm)
+    assert torch.equal(field.attraction(x, perm), v)  # the landmarks centred once are reused as they were
+    for k, c in enumerate(perm.tolist()):
+        picked = field.attraction(x[:, k:k + 1], perm[k:k + 1])  # one class: its landmarks picked out
+        alone = NystromField(u[c], 1.5).fit(y_pos[labels == c]).attraction(x[:, k])
+        assert close(v[:, k:k + 1], picked, rel=1e-6) and close(v[:, k], alone)
+    # a class twice and one missing is not a reordering: it takes the picking path, with the same answer per row
+    twice = torch.tensor([2, 2, 0, 1])
+    w = field.attraction(x, twice)
+    assert close(w[:, 0], v[:, 0], rel=1e-6) and close(w[:, 1], field.attraction(x[:, 1:2], perm[:1])[:, 0], rel=1e-6)
+
+
 def test_field_fidelity_definitions():
     v = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     approx = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
