@@ -830,8 +830,8 @@ class Block(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim, elementwise_affine=False), nn.LayerNorm(dim, elementwise_affine=False)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         hidden = int(dim * mlp_ratio)
-        # the exact (erf) GELU, not DiT's tanh form: the same curve to 1e-3, and a fifth of a training step cheaper on
-        # one CPU thread (BENCHMARKS.md §6)
+        # the exact (erf) GELU, not DiT's tanh form: the same curve to 5e-4, and a fifth of a training step cheaper on
+        # one CPU thread (BENCHMARKS.md §5e)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.modulation = nn.Linear(dim, 6 * dim)  # zero-initialised by Generator
 
