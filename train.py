@@ -101,7 +101,7 @@ _natural = dict(encoder="mae", model="small", patch_size=2, gen_per_class=64, po
 # positives a class for the exact field and 1,024 landmarks a class for the Nystrom one (128 summarised each
 # class too coarsely: FID 82 against 56 in the same 30 minutes; BENCHMARKS.md §5 measures all three), and the
 # black floor (without it the digits sat in a grey haze: FID 70.5 against 34.2 at 12 minutes, §5b); 4,000 steps,
-# for FID still falls at the end of the README's 30 minutes (both cores: about 2,450 steps on an AVX2 CPU)
+# for FID still falls at the end of the README's 30 minutes (both cores of an AVX2 CPU: 3,400-4,000 steps)
 _digits = dict(encoder="pixel", patch_size=4, pos_per_class=256, landmarks=1024, black_floor=True, max_steps=4000)
 PRESETS = {"mnist": _digits, "fashion-mnist": _digits, "cifar10": _natural,
            "cifar100": dict(_natural, landmarks=150), "svhn": _natural, "imagefolder": _natural,
