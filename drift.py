@@ -366,7 +366,8 @@ class NystromField:
         evals, evecs = torch.linalg.eigh(w + ridge * torch.eye(w.shape[-1], dtype=w.dtype, device=w.device))
         evals = evals.clamp_min(max(ridge, 1e-12 * float(evals.max())))
         self.w_inv_sqrt = (evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.mT  # (..., M, M) float64
-        self.s = self.S = self._u_centred = None
+        self.u_centred = _centred(self.landmarks)  # for the distances of every step (float32 queries)
+        self.s = self.S = None
         self.count = 0
 
     def _kernel_rows(self, x, u, u_centred=None):
@@ -449,17 +450,16 @@ class NystromField:
             # rather than copy the many landmarks and summaries into the batch's order
             if self._covers(classes):
                 dim = x.dim() - 3
-                with torch.no_grad():
-                    return self.attraction(x.index_select(dim, classes.argsort()), None).index_select(dim, classes)
+                return self._attraction(x.detach().index_select(dim, classes.argsort()), None).index_select(dim, classes)
+        return self._attraction(x, classes)
+
+    def _attraction(self, x, classes):
+        """attraction() on checked inputs."""
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             x = _fp32(x)  # float32, or float64 for float64 queries as the other fields
             u = self._pick(self.landmarks, classes).to(x.dtype)
-            if classes is None and x.dtype == torch.float32:  # the landmarks centred once, for every step
-                if self._u_centred is None:
-                    self._u_centred = _centred(u)
-                k, _ = self._kernel_rows(x, u, self._u_centred)  # (..., N, M), the largest weight in a row is 1
-            else:
-                k, _ = self._kernel_rows(x, u)
+            own = classes is None and x.dtype == torch.float32  # the landmarks as they are: centred at __init__
+            k, _ = self._kernel_rows(x, u, self.u_centred if own else None)  # (..., N, M), a row's largest weight is 1
             if self.folded and x.dtype == torch.float32:
                 out = k @ self._pick(self.folded_summaries, classes)  # (..., N, D+1)
                 num, den = out[..., :-1], out[..., -1:]
