@@ -101,7 +101,7 @@ _natural = dict(encoder="mae", model="small", patch_size=2, gen_per_class=64, po
 # positives a class for the exact field and 1,024 landmarks a class for the Nystrom one (128 summarised each
 # class too coarsely: FID 82 against 56 in the same 30 minutes; BENCHMARKS.md §5 measures all three), and the
 # black floor (without it the digits sat in a grey haze: FID 70.5 against 34.2 at 12 minutes, §5b); 6,000 steps,
-# for FID still falls after 4,000 (an H200 reaches them in 4-5 minutes; the README's CPU runs stop at 30 minutes)
+# for FID still falls after 4,000 (an H200 reaches them in 3-5 minutes; the README's CPU runs stop at 30 minutes)
 _digits = dict(encoder="pixel", patch_size=4, pos_per_class=256, landmarks=1024, black_floor=True, max_steps=6000)
 PRESETS = {"mnist": _digits, "fashion-mnist": _digits, "cifar10": _natural,
            "cifar100": dict(_natural, landmarks=150), "svhn": _natural, "imagefolder": _natural,
