@@ -53,6 +53,7 @@ unc_per_class = 16  # Nunc real unconditional negatives per class, weighted for 
 cfg_max = 4.0  # alpha in [1, cfg-max] drawn with p(alpha) ~ alpha^-cfg_power
 cfg_power = 3.0
 landmarks = 128  # Nystrom landmarks per class (real samples)
+loc_landmarks = 0  # of those, how many serve the per-location groups (L fields of M x M each; 0: all of them)
 landmark_strategy = "random"  # random | kmeans | kcenter (on pooled global features)
 ridge = 1e-4  # Nystrom ridge
 affinity_floor = 0.0  # exact field: every affinity at least this, as Deng et al.'s released code (1e-3); 0: Algorithm 2
@@ -276,7 +277,10 @@ def build_fields(args, feats, labels, num_classes, device, rank, world):
         raise SystemExit(f"error: {e}; lower --landmarks")
     fields = {}
     for g, y in tqdm(feats.items(), desc="Nystrom summaries", disable=rank != 0):
-        u = y[:, index].float().to(device)  # (L, K, M, C)
+        # per-location groups keep the first --loc-landmarks of each class's landmarks: each location is a field
+        # of its own (Fashion-MNIST's 49 pixel blocks at M = 1,024 were not fitted after 8 minutes of one core)
+        m = args.loc_landmarks if len(y) > 1 and args.loc_landmarks else index.shape[1]
+        u = y[:, index[:, :m]].float().to(device)  # (L, K, M, C)
         fields[g] = drift.build_nystrom_fields(y[:, rank::world].float(), u, args.temperatures, scales[g].to(device),
                                                labels[rank::world], args.ridge, all_reduce=world > 1)
     return {g: s.to(device) for g, s in scales.items()}, fields
@@ -367,7 +371,8 @@ def check_settings(args):
     need(args.gen_per_class >= 2, f"--gen-per-class must be at least 2 (a sample is not its own negative), "
                                   f"got {args.gen_per_class}")
     need(args.pos_per_class >= 1 or args.field == "nystrom", f"--pos-per-class must be at least 1, got {args.pos_per_class}")
-    need(args.unc_per_class >= 0 and args.landmarks >= 1, "--unc-per-class must be >= 0 and --landmarks >= 1")
+    need(args.unc_per_class >= 0 and args.landmarks >= 1 and args.loc_landmarks >= 0,
+         "--unc-per-class and --loc-landmarks must be >= 0, --landmarks >= 1")
     need(args.cfg_max >= 1 and math.isfinite(args.cfg_max * args.cfg_power * args.sample_cfg),
          f"--cfg-max must be >= 1 and --cfg-power, --sample-cfg finite, got {args.cfg_max}, {args.cfg_power}, {args.sample_cfg}")
     need(all(math.isfinite(t) and t > 0 for t in args.temperatures),

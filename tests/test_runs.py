@@ -164,6 +164,7 @@ def test_a_run_that_goes_non_finite_stops_and_keeps_its_last_good_checkpoint(tmp
     (["--temperatures", "nan"], "temperatures must be positive"),
     (["--patch-size", "5"], "patch size 5 does not divide the image size 16"),
     (["--field", "nystrum"], "unknown field"),
+    (["--loc-landmarks", "-1"], "loc-landmarks must be >= 0"),
     (["--fid-every", "2", "--fid-ref", "missing.npz"], "missing.npz does not exist"),
     (["--fid-every", "2", "--inception", "missing.pt"], "needs the Inception network"),
 ])
@@ -222,6 +223,22 @@ def test_a_corrupt_feature_cache_is_named_and_rebuilt(tmp_path, private_cache, c
     fake(tmp_path, "b", "--max-steps", "1")
     assert f"{path} cannot be read" in capsys.readouterr().out
     torch.load(path, weights_only=True)  # rebuilt whole
+
+
+def test_loc_landmarks_thin_only_the_per_location_fields(tmp_path):
+    """--loc-landmarks M': the per-location groups are fitted on the first M' of each class's landmarks, the whole-image
+    group on all of them as before; 0 (the default) and M' = --landmarks both mean all."""
+    def fields(name, *flags):
+        fake(tmp_path, name, "--field", "nystrom", "--groups", "pixel,x4.loc", "--max-steps", "1", "--save-fields", *flags)
+        return torch.load(tmp_path / name / "fields.pt", weights_only=True)
+    every, same, thin = fields("a"), fields("b", "--loc-landmarks", "8"), fields("c", "--loc-landmarks", "3")
+    for g in ("pixel", "x4.loc"):
+        for a, b in zip(every[g]["S"] + every[g]["s"], same[g]["S"] + same[g]["s"]):
+            assert torch.equal(a, b)
+    for a, b in zip(every["pixel"]["S"], thin["pixel"]["S"]):
+        assert torch.equal(a, b)  # (K, 8, 768): the whole image keeps its 8 landmarks a class
+    assert every["x4.loc"]["S"][0].shape[-2] == 8 and thin["x4.loc"]["S"][0].shape[-2] == 3  # (16, K, M, 48)
+    assert every["x4.loc"]["S"][0].shape[:2] == thin["x4.loc"]["S"][0].shape[:2]
 
 
 def test_exact_field_takes_its_positives_from_the_feature_cache(tmp_path, monkeypatch):
