@@ -105,8 +105,8 @@ _natural = dict(encoder="mae", model="small", patch_size=2, gen_per_class=64, po
 # for FID still falls after 4,000 (an H200 reaches them in 3-5 minutes; the README's CPU runs stop at 30 minutes)
 _digits = dict(encoder="pixel", patch_size=4, pos_per_class=256, landmarks=1024, black_floor=True, max_steps=6000)
 # Fashion-MNIST: every 4x4-pixel block is also a drift problem of its own (x4.loc), so that a sample can match
-# different garments in different places: FID 72.6 -> 61.5 and twice the recall in 30 minutes (BENCHMARKS.md §5c);
-# not on MNIST, where the all-black blocks pulled every sample to black. Its Nystrom fields use 128 landmarks a class.
+# different garments in different places: at 15 minutes FID 93.4 -> 81.5 and twice the recall (BENCHMARKS.md §5c);
+# not on MNIST, where the mostly black blocks pulled every sample to black. Their Nystrom fields: 128 landmarks a class.
 _fashion = dict(_digits, groups="pixel,x4.loc", loc_landmarks=128)
 PRESETS = {"mnist": _digits, "fashion-mnist": _fashion, "cifar10": _natural,
            "cifar100": dict(_natural, landmarks=150), "svhn": _natural, "imagefolder": _natural,
