@@ -283,8 +283,7 @@ def build_fields(args, feats, labels, num_classes, device, rank, world):
     for g, y in tqdm(feats.items(), desc="Nystrom summaries", disable=rank != 0):
         # per-location groups keep the first --loc-landmarks of each class's landmarks: each location is a field
         # of its own (Fashion-MNIST's 49 pixel blocks at M = 1,024 were not fitted after 8 minutes of one core)
-        m = args.loc_landmarks if len(y) > 1 and args.loc_landmarks else index.shape[1]
-        u = y[:, index[:, :m]].float().to(device)  # (L, K, M, C)
+        u = y[:, index if len(y) == 1 else index[:, :args.loc_landmarks or None]].float().to(device)  # (L, K, M, C)
         fields[g] = drift.build_nystrom_fields(y[:, rank::world].float(), u, args.temperatures, scales[g].to(device),
                                                labels[rank::world], args.ridge, all_reduce=world > 1)
     return {g: s.to(device) for g, s in scales.items()}, fields
