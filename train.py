@@ -106,7 +106,8 @@ _natural = dict(encoder="mae", model="small", patch_size=2, gen_per_class=64, po
 _digits = dict(encoder="pixel", patch_size=4, pos_per_class=256, landmarks=1024, black_floor=True, max_steps=6000)
 # Fashion-MNIST: every 4x4-pixel block is also a drift problem of its own (x4.loc), so that a sample can match
 # different garments in different places: at 15 minutes FID 93.4 -> 81.5 and twice the recall (BENCHMARKS.md §5c);
-# not on MNIST, where the mostly black blocks pulled every sample to black. Their Nystrom fields: 128 landmarks a class.
+# not on MNIST, where the mostly black blocks pulled every sample to black (and speckled every digit when the floor
+# passed gradients). Their Nystrom fields: 128 landmarks a class (256 and 512 scored worse).
 _fashion = dict(_digits, groups="pixel,x4.loc", loc_landmarks=128)
 PRESETS = {"mnist": _digits, "fashion-mnist": _fashion, "cifar10": _natural,
            "cifar100": dict(_natural, landmarks=150), "svhn": _natural, "imagefolder": _natural,
