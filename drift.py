@@ -637,10 +637,14 @@ def feature_groups(fmaps, image, patches=(2, 4)):
 
 class PixelBackbone(nn.Module):
     """No network: the image regrouped into 4x4 pixel blocks (space to depth), so that a location is a small
-    patch and the patch statistics cover 8x8 and 16x16 pixel regions."""
+    patch and the patch statistics cover 8x8 and 16x16 pixel regions; where both sides are multiples of 7
+    (28x28 images), also into 7x7 blocks ("x7"), a 4x4 grid of larger parts."""
 
     def forward(self, x):
-        return {"x4": F.pixel_unshuffle(x, 4)}  # (N, 16 C, H/4, W/4)
+        maps = {"x4": F.pixel_unshuffle(x, 4)}  # (N, 16 C, H/4, W/4)
+        if x.shape[-2] % 7 == 0 and x.shape[-1] % 7 == 0:
+            maps["x7"] = F.pixel_unshuffle(x, 7)  # (N, 49 C, H/7, W/7)
+        return maps
 
 
 class ResBlock(nn.Module):

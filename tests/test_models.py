@@ -24,6 +24,18 @@ def test_pixel_groups_are_the_documented_statistics():
     assert torch.allclose(groups["x4.std2"][1], (fmap[:, :, 0:2, 2:4].var((2, 3), unbiased=False) + 1e-6).sqrt(), atol=1e-5)
     assert groups["x4.mean4"].shape == (1, 3, 32)
     assert torch.allclose(groups["x4.mean4"][0], groups["x4.mean"][0], atol=1e-6)  # one 4x4 patch = the whole map
+    assert not any(g.startswith("x7.") for g in groups)  # 16 is no multiple of 7
+
+
+def test_pixel_encoder_7x7_blocks_are_the_image_tiles():
+    """On 28x28 images (MNIST's) the pixel encoder also cuts 7x7 blocks: location 4 r + c of x7.loc is the tile at
+    rows 7r..7r+6, columns 7c..7c+6, channel by channel, row by row."""
+    image = torch.rand(2, 2, 28, 28) * 2 - 1
+    groups = drift.Encoder("pixel", in_channels=2)(image)
+    assert groups["x7.loc"].shape == (16, 2, 98)
+    for r, c in [(0, 0), (1, 3), (3, 2)]:
+        assert torch.equal(groups["x7.loc"][4 * r + c], image[:, :, 7 * r:7 * r + 7, 7 * c:7 * c + 7].flatten(1))
+    assert groups["x4.loc"].shape == (49, 2, 32)  # the 4x4 blocks as before
 
 
 def test_std_of_constant_features_has_finite_gradient():

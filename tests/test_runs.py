@@ -225,6 +225,18 @@ def test_a_corrupt_feature_cache_is_named_and_rebuilt(tmp_path, private_cache, c
     torch.load(path, weights_only=True)  # rebuilt whole
 
 
+def test_a_feature_cache_with_other_groups_is_named_and_rebuilt(tmp_path, private_cache, capsys):
+    """A cache written when the encoder gave other groups (as the pixel encoder did before its 7x7 blocks) would
+    leave the training step without some group's real features: it is named and rebuilt, not used."""
+    fake(tmp_path, "a", "--max-steps", "1", "--groups", "pixel,x4.loc")
+    (path,) = [private_cache / f for f in os.listdir(private_cache) if f.startswith("features-")]
+    feats = torch.load(path, weights_only=True)
+    torch.save({"pixel": feats["pixel"]}, path)
+    fake(tmp_path, "b", "--max-steps", "1", "--groups", "pixel,x4.loc")
+    assert f"{path} holds other groups" in capsys.readouterr().out
+    assert set(torch.load(path, weights_only=True)) == {"pixel", "x4.loc"}
+
+
 def test_loc_landmarks_thin_only_the_per_location_fields(tmp_path):
     """--loc-landmarks M': the per-location groups are fitted on the first M' of each class's landmarks, the whole-image
     group on all of them as before; 0 (the default) and M' = --landmarks both mean all."""
