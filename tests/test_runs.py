@@ -165,6 +165,8 @@ def test_a_run_that_goes_non_finite_stops_and_keeps_its_last_good_checkpoint(tmp
     (["--patch-size", "5"], "patch size 5 does not divide the image size 16"),
     (["--field", "nystrum"], "unknown field"),
     (["--loc-landmarks", "-1"], "loc-landmarks must be >= 0"),
+    (["--loc-field", "projected"], "unknown --loc-field"),
+    (["--field", "nystrom", "--loc-field", "exact", "--pos-per-class", "0"], "pos-per-class must be at least 1"),
     (["--fid-every", "2", "--fid-ref", "missing.npz"], "missing.npz does not exist"),
     (["--fid-every", "2", "--inception", "missing.pt"], "needs the Inception network"),
 ])
@@ -311,3 +313,25 @@ def test_write_failures_name_the_path_and_leave_nothing_behind(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="cannot write to --out-dir"):
         fake(tmp_path, "file/run", "--max-steps", "1")
+
+
+def test_loc_field_exact_drifts_the_per_location_groups_as_the_exact_field(tmp_path, monkeypatch):
+    """--field nystrom --loc-field exact: no Nystrom fields for the per-location groups; they get the exact field against
+    the very positives an exact run draws at the same seed, while the whole image keeps its projected field."""
+    calls, real = {}, drift.drift_loss
+
+    def record(name):
+        def drift_loss(x, y_pos, y_neg, temperatures, field, fields, *a):
+            calls.setdefault(name, []).append((x.shape[0], field, y_pos, fields))
+            return real(x, y_pos, y_neg, temperatures, field, fields, *a)
+        return drift_loss
+    flags = ["--groups", "pixel,x4.loc", "--max-steps", "1"]
+    monkeypatch.setattr(drift, "drift_loss", record("exact"))
+    fake(tmp_path, "a", "--field", "exact", *flags)
+    monkeypatch.setattr(drift, "drift_loss", record("mixed"))
+    fake(tmp_path, "b", "--field", "nystrom", "--loc-field", "exact", "--save-fields", *flags)
+    assert set(torch.load(tmp_path / "b" / "fields.pt", weights_only=True)) == {"pixel"}
+    (loc, whole), (loc_exact, _) = calls["mixed"], calls["exact"]  # groups in the encoder's order: x4.loc, pixel
+    assert whole[0] == 1 and whole[1] == "nystrom" and whole[2] is None and whole[3] is not None
+    assert loc[0] == 16 and loc[1] == "exact" and loc[3] is None
+    assert loc_exact[1] == "exact" and torch.equal(loc[2], loc_exact[2])  # the same real positives
