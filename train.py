@@ -108,10 +108,10 @@ _digits = dict(encoder="pixel", patch_size=4, pos_per_class=256, landmarks=1024,
 # Fashion-MNIST: every 4x4-pixel block is also a drift problem of its own (x4.loc), so that a sample can match
 # different garments in different places: at 15 minutes FID 93.4 -> 81.5 and twice the recall (BENCHMARKS.md §5c);
 # not on MNIST, where the mostly black blocks pulled every sample to black (and speckled every digit when the floor
-# passed gradients). Their Nystrom fields: 128 landmarks a class (256 and 512 scored worse). The 16 tiles of 7x7
-# pixels too (x7.loc): 30 minutes, one thread, FID 61.5 -> 55.5 (exact) and 72.4 -> 65.9 (Nystrom), §5f.
-# The Nystrom field drifts those tiles and blocks with the exact field (--loc-field exact; 16-49 dimensions, cheap):
-# 30 minutes, one thread, FID 65.9 -> 62.1 against 55.5 exact, §5g.
+# passed gradients). The 16 tiles of 7x7 pixels too (x7.loc): 30 minutes, one thread, FID 61.5 -> 55.5 (exact)
+# and 72.4 -> 65.9 (Nystrom), §5f. A Nystrom run drifts blocks and tiles with the exact field (--loc-field exact):
+# 65.9 -> 62.1 against 55.5 exact, §5g; their own Nystrom fields (--loc-field nystrom) use 128 landmarks a class
+# (256 and 512 scored worse).
 _fashion = dict(_digits, groups="pixel,x4.loc,x7.loc", loc_landmarks=128, loc_field="exact")
 PRESETS = {"mnist": _digits, "fashion-mnist": _fashion, "cifar10": _natural,
            "cifar100": dict(_natural, landmarks=150), "svhn": _natural, "imagefolder": _natural,
