@@ -244,8 +244,9 @@ def encode_dataset(args, encoder, images, device, rank):
             feats = torch.load(path, weights_only=True)
         except Exception as e:
             print(f"warning: the feature cache {path} cannot be read ({type(e).__name__}); rebuilding it")
-        with torch.no_grad():
-            names = set(chosen(encoder(torch.zeros(1, *images.shape[1:], device=device)), args))  # names only
+        if feats is not None:
+            with torch.no_grad():
+                names = set(chosen(encoder(torch.zeros(1, *images.shape[1:], device=device)), args))  # names only
         if feats is not None and set(feats) != names:  # written by an older encoder with other groups
             print(f"warning: the feature cache {path} holds other groups than the encoder gives; rebuilding it")
             feats = None
@@ -291,9 +292,8 @@ def build_fields(args, feats, labels, num_classes, device, rank, world):
     except ValueError as e:
         raise SystemExit(f"error: {e}; lower --landmarks")
     fields = {}
-    for g, y in tqdm(feats.items(), desc="Nystrom summaries", disable=rank != 0):
-        if len(y) > 1 and args.loc_field == "exact":
-            continue
+    fitted = {g: y for g, y in feats.items() if len(y) == 1 or args.loc_field == "nystrom"}  # else exact, no fields
+    for g, y in tqdm(fitted.items(), desc="Nystrom summaries", disable=rank != 0):
         # per-location groups keep the first --loc-landmarks of each class's landmarks: each location is a field
         # of its own (Fashion-MNIST's 49 pixel blocks at M = 1,024 were not fitted after 8 minutes of one core)
         u = y[:, index if len(y) == 1 else index[:, :args.loc_landmarks or None]].float().to(device)  # (L, K, M, C)
