@@ -425,6 +425,8 @@ def resume_settings(args, ckpt, explicit):
                              f"{saved}; a resumed run keeps its settings: drop the flag, or start a new --out-dir")
         if k not in explicit or k not in RUN_FLAGS:
             setattr(args, k, saved)
+    for k in set(_defaults) - set(ckpt["args"]) - explicit:  # settings newer than the checkpoint: their default,
+        setattr(args, k, _defaults[k])  # which is the run's behaviour from before they existed (not today's preset)
 
 
 def train(args):

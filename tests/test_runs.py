@@ -113,6 +113,13 @@ def test_resume_keeps_the_run_settings_and_refuses_other_data(tmp_path, monkeypa
     assert steps == [1, 2, 3, 4, 5, 6]
     result = train.main(["--resume", "--out-dir", str(tmp_path / "run"), "--max-steps", "7"])  # run control may change
     assert result["step"] == 7
+    # a checkpoint from before a setting existed resumes with that setting's default (the behaviour it was
+    # trained with), not with today's preset of a dataset (a resume parses as --dataset mnist: black floor on)
+    ckpt = drift.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    del ckpt["args"]["black_floor"], ckpt["sha256"]
+    drift.save_checkpoint(str(tmp_path / "run" / "ckpt.pt"), ckpt)
+    assert train.main(["--resume", "--out-dir", str(tmp_path / "run"), "--max-steps", "8"])["step"] == 8
+    assert [r["args"]["black_floor"] for r in read_log(tmp_path / "run") if r.get("event") == "resume"][-1] is False
 
 
 def test_imagefolder_runs_twice_and_resumes_without_writing_into_the_data(tmp_path):
