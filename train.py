@@ -419,14 +419,13 @@ def resume_settings(args, ckpt, explicit):
     """A resumed run continues the same run: its settings come from the checkpoint. A run-control flag given on
     the command line (--max-steps, --ckpt-every, ...) changes it; any other flag that differs is refused."""
     same = lambda a, b: json.loads(json.dumps(a)) == json.loads(json.dumps(b))
-    for k, saved in ckpt["args"].items():
+    # a setting newer than the checkpoint counts as saved at its default: the run's behaviour before it existed
+    for k, saved in {**_defaults, **ckpt["args"]}.items():
         if k in explicit and k not in RUN_FLAGS and not same(getattr(args, k, saved), saved):
             raise SystemExit(f"error: --{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
                              f"{saved}; a resumed run keeps its settings: drop the flag, or start a new --out-dir")
         if k not in explicit or k not in RUN_FLAGS:
             setattr(args, k, saved)
-    for k in set(_defaults) - set(ckpt["args"]) - explicit:  # settings newer than the checkpoint: their default,
-        setattr(args, k, _defaults[k])  # which is the run's behaviour from before they existed (not today's preset)
 
 
 def train(args):

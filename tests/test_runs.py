@@ -118,6 +118,8 @@ def test_resume_keeps_the_run_settings_and_refuses_other_data(tmp_path, monkeypa
     ckpt = drift.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     del ckpt["args"]["black_floor"], ckpt["sha256"]
     drift.save_checkpoint(str(tmp_path / "run" / "ckpt.pt"), ckpt)
+    with pytest.raises(SystemExit, match="--black-floor True differs from the checkpoint's False"):
+        train.main(["--resume", "--out-dir", str(tmp_path / "run"), "--black-floor"])
     assert train.main(["--resume", "--out-dir", str(tmp_path / "run"), "--max-steps", "8"])["step"] == 8
     assert [r["args"]["black_floor"] for r in read_log(tmp_path / "run") if r.get("event") == "resume"][-1] is False
 
