@@ -247,9 +247,9 @@ def encode_dataset(args, encoder, images, device, rank):
         if feats is not None:
             with torch.no_grad():
                 names = set(chosen(encoder(torch.zeros(1, *images.shape[1:], device=device)), args))  # names only
-        if feats is not None and set(feats) != names:  # written by an older encoder with other groups
-            print(f"warning: the feature cache {path} holds other groups than the encoder gives; rebuilding it")
-            feats = None
+            if set(feats) != names:  # written by an older encoder with other groups
+                print(f"warning: the feature cache {path} holds other groups than the encoder gives; rebuilding it")
+                feats = None
     if rank == 0 and feats is None:
         parts = {}
         with torch.no_grad():
