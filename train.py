@@ -13,6 +13,7 @@ Every flag is a name in the defaults block below (underscores become dashes).
 """
 
 import copy
+import gc
 import hashlib
 import json
 import math
@@ -592,7 +593,10 @@ def train(args):
         if out_of_time:
             break
     bar.close()
-    if world > 1:
+    if world > 1:  # free DDP (its reducer holds the process group) before the group goes: freed at exit instead,
+        del net  # a Gloo worker thread could abort the interpreter's shutdown
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     return {"step": step, "train_seconds": train_seconds, "model": model, "ema": ema_model}
 
