@@ -593,8 +593,8 @@ def train(args):
         if out_of_time:
             break
     bar.close()
-    if world > 1:  # free DDP (its reducer holds the process group) before the group goes: freed at exit instead,
-        del net  # a Gloo worker thread could abort the interpreter's shutdown
+    if world > 1:  # free DDP (its reducer holds the process group) and wait for rank 0 before the group goes;
+        del net  # left to the interpreter's exit, a Gloo worker thread could abort the shutdown
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
