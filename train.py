@@ -123,6 +123,7 @@ DATASETS = tuple(PRESETS)
 # Nystrom at 30 minutes, 1,024 landmarks (BENCHMARKS.md §5b): 0.1 0.2 0.4 averaged too much (MNIST FID 35.9 against
 # 18.7 at these); [1]'s 0.02 0.05 0.2 tied on MNIST (18.3) but lost on Fashion-MNIST (88.5 against 82.0)
 FIELD_TEMPERATURES = {"exact": (0.02, 0.05, 0.2), "nystrom": (0.05, 0.1, 0.2)}
+STILL_STEPS = 50  # a run whose gradient is exactly zero this many steps in a row is stopped with the reason
 RUN_FLAGS = ("max_steps", "time_limit", "log_every", "sample_every", "ckpt_every", "fid_every", "fid_samples",
              "fid_ref", "inception", "device", "compile", "resume", "out_dir", "data_dir", "cache_dir", "download")
 
@@ -543,6 +544,7 @@ def train(args):
 
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="drifting")
     sums = [0.0, 0.0, 0.0, 0]  # loss, drift norm, seconds, steps since the last log line
+    still = 0  # steps in a row whose gradient was exactly zero
     while step < args.max_steps:
         t0 = time.time()
         for group in opt.param_groups:
@@ -560,6 +562,13 @@ def train(args):
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():  # stop before the optimiser writes NaN into the weights; the checkpoint stays good
             raise SystemExit(f"error: the loss or its gradient is not finite at step {step + 1}; {stopped}")
+        still = still + 1 if grad_norm.item() == 0 else 0
+        if still == STILL_STEPS:  # nothing moves the weights but weight decay: the run cannot learn from here
+            cause = ("every generated pixel is below black, where --black-floor passes no gradient (BENCHMARKS.md §5c: "
+                     "per-block groups on mostly black images, or --out-init 0 with them, end there)") if args.black_floor \
+                else "the drift is zero everywhere"
+            raise SystemExit(f"error: the generator has had no gradient for {still} steps (to step {step + 1}): {cause}. "
+                             f"The last checkpoint (step {saved_step}) is {ckpt_path}; start again with other settings")
         opt.step()
         update_ema(ema_model, model, args.ema)
         step += 1

@@ -344,3 +344,17 @@ def test_loc_field_exact_drifts_the_per_location_groups_as_the_exact_field(tmp_p
     assert whole[0] == 1 and whole[1] == "nystrom" and whole[2] is None and whole[3] is not None
     assert loc[0] == 16 and loc[1] == "exact" and loc[3] is None
     assert loc_exact[1] == "exact" and torch.equal(loc[2], loc_exact[2])  # the same real positives
+
+
+def test_a_generator_stuck_below_the_black_floor_is_stopped_with_the_reason(tmp_path, monkeypatch):
+    real_forward = drift.Generator.forward
+
+    def all_black(self, *a):  # every pixel pushed below black: max(x, -1) passes no gradient back
+        out = real_forward(self, *a)
+        return (out - 100).clamp_min(-1) if self.training else out
+    monkeypatch.setattr(drift.Generator, "forward", all_black)
+    with pytest.raises(SystemExit, match=rf"no gradient for {train.STILL_STEPS} steps \(to step {train.STILL_STEPS}\)"
+                                         r": every generated pixel is below black.*last checkpoint \(step 40\)"):
+        fake(tmp_path, "run", "--max-steps", "200", "--ckpt-every", "10", "--black-floor")
+    monkeypatch.setattr(drift.Generator, "forward", real_forward)  # the same run with gradients goes on to the end
+    assert fake(tmp_path, "ok", "--max-steps", str(train.STILL_STEPS + 5), "--ckpt-every", "0", "--black-floor") is not None
