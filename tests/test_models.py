@@ -161,3 +161,22 @@ def test_scripts_import_drift_and_never_each_other_in_a_circle():
             if m not in seen:
                 seen.add(m)
                 todo += edges[m]
+
+
+def test_conv_generator_starts_as_a_function_of_its_noise_with_the_requested_spread():
+    torch.manual_seed(0)
+    model = drift.ConvGenerator(16, 3, 4, dim=32, widths=(32, 16), blocks=(1, 1), style_tokens=4, out_init=0.5)
+    noise, style = model.make_noise(256, torch.Generator().manual_seed(1))
+    h, c = torch.randn(4, 16, 8, 8), torch.randn(4, 32)
+    assert torch.equal(model.stages[1][0](h, c), h)  # every block starts as the identity
+    labels = torch.arange(256) % 4
+    with torch.no_grad():
+        x = model(noise, labels, torch.ones(256), style)
+        rms = x.pow(2).mean().sqrt().item()
+        other = model(model.make_noise(256, torch.Generator().manual_seed(2))[0], labels, torch.ones(256), style)
+    assert x.shape == noise.shape and 0.35 < rms < 0.65, rms
+    assert (x - other).pow(2).mean().sqrt() > 0.5 * rms  # another noise, another image
+    flat = drift.ConvGenerator(16, 3, 4, dim=32, widths=(32, 16), blocks=(1, 1), out_init=0.0)
+    assert torch.equal(flat(noise, labels, torch.ones(256)), torch.zeros_like(noise))  # DiT's zero start
+    with pytest.raises(ValueError, match="must be a multiple of 4"):
+        drift.ConvGenerator(18, 1, 10)

@@ -135,3 +135,10 @@ def test_fid_events_exclude_evaluation_time(tmp_path, monkeypatch):
     seconds = {r["step"]: r["train_seconds"] for r in log if "drift_norm" in r}
     assert fids[0]["train_seconds"] == pytest.approx(seconds[2], abs=1e-3)
     assert seconds[3] - seconds[2] < 1.5  # the 2 s of evaluation are not on the training clock
+
+
+def test_conv_generator_trains_and_comes_back_from_its_checkpoint(tmp_path):
+    result, out = run(tmp_path, "conv", "--model", "conv", "--max-steps", "3", "--ckpt-every", "0")
+    model, args = drift.load_generator(str(out / "ckpt.pt"))
+    assert isinstance(model, drift.ConvGenerator) and args["model"] == "conv"
+    np.testing.assert_array_equal(sample.generate_images(model, 8), sample.generate_images(result["ema"], 8))
