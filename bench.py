@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 import drift
+import sample
 
 # -----------------------------------------------------------------------------------------------------------
 # defaults (the DriftXpress CIFAR-10 setting: batch 1000, 500 landmarks and 5,000 samples per class)
@@ -500,7 +501,7 @@ def bench_step(args, dev):
             targs.data_hash = train.data_hash(images, labels)
             torch.manual_seed(0)
             encoder = train.make_encoder(targs, images, dev, 0)
-            model = drift.generator_from_args(vars(targs)).to(dev)
+            model = sample.generator_from_args(vars(targs)).to(dev)
             feats, scales, fields = train.encode_dataset(targs, encoder, images, dev, 0), {}, {}
             if field == "nystrom":
                 scales, fields = train.build_fields(targs, feats, labels, len(by_class), dev, 0, 1)

@@ -52,7 +52,6 @@ from pytorch_fid.fid_score import calculate_frechet_distance  # noqa: F401  (re-
 from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 from tqdm import tqdm
 
-import drift
 import sample
 
 FID_WEIGHTS_HASH = "6726825d"  # sha256 prefix of pytorch-fid's weights, in the file name as torch.hub expects
@@ -348,7 +347,7 @@ def load_images(source, num_samples=None, data_dir="data", batch_size=50, device
         with np.load(path) as f:
             images = f["arr_0"]
     elif path.suffix == ".pt":
-        model, _ = drift.load_generator(str(path), device=device)
+        model, _ = sample.load_generator(str(path), device=device)
         n = num_samples or CHECKPOINT_SAMPLES
         return sample.generate_images(model, n, batch_size=batch_size, device=device, seed=seed)
     elif source.split(":")[0] in DATASETS:

@@ -9,6 +9,7 @@ Sample i uses noise seeded by (--seed, i), so the images do not depend on the ba
 """
 
 import argparse
+import hashlib
 import math
 import os
 
@@ -18,6 +19,75 @@ from PIL import Image
 from tqdm import tqdm
 
 import drift
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints: the one home the scripts share (train.py writes them, sample.py and fid.py read them)
+
+
+def state_digest(obj):
+    """SHA-256 over every tensor's bytes and every value of a nested checkpoint dict."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if torch.is_tensor(o):
+            h.update(f"{o.dtype}{tuple(o.shape)}".encode())
+            h.update(o.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            for k in sorted(o, key=str):
+                h.update(repr(k).encode())
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+        else:
+            h.update(repr(o).encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(path, ckpt):
+    """Atomic: a reader sees the old checkpoint or the new one, never half of one, and no .tmp is left behind."""
+    ckpt = dict(ckpt, sha256=state_digest(ckpt))
+    try:
+        torch.save(ckpt, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a missing folder as a RuntimeError
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise OSError(f"could not write the checkpoint {path} ({getattr(e, 'strerror', None) or e}); "
+                      f"the previous one is intact") from e
+
+
+def load_checkpoint(path):
+    """A train.py checkpoint dict, read with weights_only=True and checked against its digest; ValueError if not."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is truncated or corrupt and cannot be read ({type(e).__name__}); "
+                         f"use an intact copy or start a new run") from None
+    if not isinstance(ckpt, dict) or ckpt.get("sha256") != state_digest({k: v for k, v in ckpt.items() if k != "sha256"}):
+        raise ValueError(f"checkpoint {path} fails its integrity check (tampered or damaged); refusing to load it")
+    return ckpt
+
+
+def generator_from_args(a):
+    """The generator a run's arguments (a plain dict, as stored in a checkpoint) describe."""
+    common = dict(style_tokens=a["style_tokens"], out_init=a.get("out_init", 0.0), black_floor=a.get("black_floor", False),
+                  **drift.GENERATORS[a["model"]])
+    if "widths" in drift.GENERATORS[a["model"]]:
+        return drift.ConvGenerator(a["image_size"], a["channels"], a["num_classes"], **common)
+    return drift.Generator(a["image_size"], a["channels"], a["num_classes"], a["patch_size"] or a["image_size"] // 4, **common)
+
+
+def load_generator(path, device="cpu", ema=True):
+    """The generator of a train.py checkpoint (its EMA weights by default), in eval mode, and the run's args."""
+    ckpt = load_checkpoint(path)
+    model = generator_from_args(ckpt["args"])
+    model.load_state_dict(ckpt["ema" if ema else "model"])
+    return model.to(device).eval(), ckpt["args"]
 
 
 @torch.no_grad()
@@ -75,7 +145,7 @@ def main():
     if not (args.grid or args.npz or args.png_dir):
         args.grid = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png")
     try:
-        model, _ = drift.load_generator(args.ckpt, device, ema=not args.no_ema)
+        model, _ = load_generator(args.ckpt, device, ema=not args.no_ema)
         images = generate_images(model, args.num_samples, args.batch_size, device, args.seed, args.cfg, args.classes)
     except ValueError as e:
         raise SystemExit(f"error: {e}")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import drift
+import sample
 from sample import generate_images, save_grid
 
 # ---------------------------------------------------------------------------------------------- defaults
@@ -435,7 +436,7 @@ def train(args):
     explicit = set(vars(args).pop("explicit", ()))
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     try:
-        ckpt = drift.load_checkpoint(ckpt_path) if args.resume else None
+        ckpt = sample.load_checkpoint(ckpt_path) if args.resume else None
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if ckpt is not None:
@@ -474,7 +475,7 @@ def train(args):
     encoder = make_encoder(args, images, device, rank)
     if ckpt is not None and ckpt["encoder"] != encoder.identity:
         raise SystemExit(f"error: the checkpoint was trained with encoder {ckpt['encoder']}, not {encoder.identity}")
-    model = drift.generator_from_args(vars(args)).to(device)
+    model = sample.generator_from_args(vars(args)).to(device)
     ema_model = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed + rank)  # every random draw of training comes from here
@@ -522,7 +523,7 @@ def train(args):
             dist.all_gather_object(states, gen.get_state())
         if rank == 0:
             try:
-                drift.save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema_model.state_dict(),
+                sample.save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema_model.state_dict(),
                                                   "optimizer": opt.state_dict(), "step": step, "args": vars(args),
                                                   "encoder": encoder.identity, "rng": states,
                                                   "train_seconds": train_seconds})

@@ -241,7 +241,7 @@ def test_every_source_gives_the_same_features(tmp_path, images, monkeypatch):
         calls["generate"] = (model, num_samples, device)
         return images[:num_samples]
 
-    monkeypatch.setattr(fid.drift, "load_generator", load_generator)
+    monkeypatch.setattr(fid.sample, "load_generator", load_generator)
     monkeypatch.setattr(fid.sample, "generate_images", generate_images)
 
     for source in [str(folder), str(tmp_path / "samples.npz"), "cifar10", str(tmp_path / "run.pt")]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import drift
+import sample
 
 
 def test_pixel_groups_are_the_documented_statistics():
@@ -105,14 +106,14 @@ def test_output_init_gives_each_sample_its_own_start_of_the_requested_spread():
     changed = (model(bumped, torch.arange(256) % 4, torch.ones(256), style) - x).abs().amax((0, 1)) > 1e-6
     assert changed[4:8, 8:12].all() and changed.sum() == 16
     # a checkpoint from before this option (no out_init in its args) rebuilds DiT's zero start
-    old = drift.generator_from_args(dict(image_size=16, channels=3, num_classes=4, patch_size=4, style_tokens=4, model="tiny"))
+    old = sample.generator_from_args(dict(image_size=16, channels=3, num_classes=4, patch_size=4, style_tokens=4, model="tiny"))
     n, s = old.make_noise(3, torch.Generator().manual_seed(3))
     assert torch.equal(old(n, torch.arange(3), torch.ones(3), s), torch.zeros(3, 3, 16, 16))
 
 
 def test_black_floor_makes_every_value_below_black_black_and_stops_the_gradient_only_there():
     args = dict(image_size=16, channels=3, num_classes=4, patch_size=4, style_tokens=4, model="tiny", out_init=2.0)
-    free, floored = drift.generator_from_args(args), drift.generator_from_args(dict(args, black_floor=True))
+    free, floored = sample.generator_from_args(args), sample.generator_from_args(dict(args, black_floor=True))
     floored.load_state_dict(free.state_dict())
     noise, style = free.make_noise(8, torch.Generator().manual_seed(1))
     labels, alpha = torch.arange(8) % 4, torch.ones(8)
@@ -126,7 +127,7 @@ def test_black_floor_makes_every_value_below_black_black_and_stops_the_gradient_
     (gy,) = torch.autograd.grad((y * target).sum(), floored.out.weight)
     assert torch.allclose(gx, gy, rtol=1e-5, atol=1e-6) and gy.abs().sum() > 0
     # checkpoints from before this option have no black_floor in their args: no floor
-    assert drift.generator_from_args(args).black_floor is False
+    assert sample.generator_from_args(args).black_floor is False
 
 
 def test_bad_encoder_names_and_weights_fail_clearly(tmp_path):

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import drift
+import sample
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,14 +60,14 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         stop_at(m, 5)  # killed in step 5: its checkpoint is step 3, its log already has step 4
         with pytest.raises(KeyboardInterrupt):
             fake(tmp_path, "killed", "--max-steps", "8", "--ckpt-every", "3", "--log-every", "1")
-    assert drift.load_checkpoint(str(tmp_path / "killed" / "ckpt.pt"))["step"] == 3
+    assert sample.load_checkpoint(str(tmp_path / "killed" / "ckpt.pt"))["step"] == 3
     # the README's command: only --resume and --out-dir; --log-every 4 is a run-control flag given explicitly
     resumed = train.main(["--resume", "--out-dir", str(tmp_path / "killed"), "--log-every", "4"])
     for key in ("model", "ema"):
         for a, b in zip(whole[key].state_dict().values(), resumed[key].state_dict().values()):
             assert torch.equal(a, b)
-    opt_whole = drift.load_checkpoint(str(out_whole / "ckpt.pt"))["optimizer"]["state"]
-    opt_resumed = drift.load_checkpoint(str(tmp_path / "killed" / "ckpt.pt"))["optimizer"]["state"]
+    opt_whole = sample.load_checkpoint(str(out_whole / "ckpt.pt"))["optimizer"]["state"]
+    opt_resumed = sample.load_checkpoint(str(tmp_path / "killed" / "ckpt.pt"))["optimizer"]["state"]
     for i in opt_whole:
         for k in opt_whole[i]:
             assert torch.equal(opt_whole[i][k], opt_resumed[i][k])
@@ -115,9 +116,9 @@ def test_resume_keeps_the_run_settings_and_refuses_other_data(tmp_path, monkeypa
     assert result["step"] == 7
     # a checkpoint from before a setting existed resumes with that setting's default (the behaviour it was
     # trained with), not with today's preset of a dataset (a resume parses as --dataset mnist: black floor on)
-    ckpt = drift.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    ckpt = sample.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     del ckpt["args"]["black_floor"], ckpt["sha256"]
-    drift.save_checkpoint(str(tmp_path / "run" / "ckpt.pt"), ckpt)
+    sample.save_checkpoint(str(tmp_path / "run" / "ckpt.pt"), ckpt)
     with pytest.raises(SystemExit, match="--black-floor True differs from the checkpoint's False"):
         train.main(["--resume", "--out-dir", str(tmp_path / "run"), "--black-floor"])
     assert train.main(["--resume", "--out-dir", str(tmp_path / "run"), "--max-steps", "8"])["step"] == 8
@@ -160,7 +161,7 @@ def test_a_run_that_goes_non_finite_stops_and_keeps_its_last_good_checkpoint(tmp
         message = r"step 3: x has .* non-finite .*last good checkpoint \(step 2\)"
     with pytest.raises(SystemExit, match=message):
         fake(tmp_path, "run", "--max-steps", "6", "--ckpt-every", "2")
-    ckpt = drift.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    ckpt = sample.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
@@ -282,7 +283,7 @@ def test_mae_encoder_is_trained_once_cached_and_used(tmp_path, private_cache, ca
     stamp = mae.stat().st_mtime_ns
     fake(tmp_path, "b", *extra, "--field", "exact")
     assert "training one" not in capsys.readouterr().out and mae.stat().st_mtime_ns == stamp  # reused
-    ckpt = drift.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
+    ckpt = sample.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
     assert ckpt["encoder"]["name"] == "mae" and ckpt["encoder"]["sha256"] == hashlib.sha256(mae.read_bytes()).hexdigest()
     assert "stage4.loc" in read_log(tmp_path / "b")[0]["args"]["groups"] or ckpt["args"]["groups"] == ""  # all groups
 
@@ -317,7 +318,7 @@ def test_fid_reference_defaults_to_the_training_images_cached_once(tmp_path, mon
 
 def test_write_failures_name_the_path_and_leave_nothing_behind(tmp_path):
     with pytest.raises(OSError, match="could not write the checkpoint .*previous one is intact"):
-        drift.save_checkpoint(str(tmp_path / "missing" / "ckpt.pt"), {"step": 1})
+        sample.save_checkpoint(str(tmp_path / "missing" / "ckpt.pt"), {"step": 1})
     assert not os.path.exists(tmp_path / "missing")
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match="cannot write to --out-dir"):

@@ -60,11 +60,11 @@ def test_tampered_or_truncated_checkpoints_are_refused(tmp_path):
     ckpt["ema"]["out.bias"] = ckpt["ema"]["out.bias"] + 1e-3  # a changed weight, digest left as it was
     torch.save(ckpt, str(tmp_path / "tampered.pt"))
     with pytest.raises(ValueError, match="integrity check"):
-        drift.load_checkpoint(str(tmp_path / "tampered.pt"))
+        sample.load_checkpoint(str(tmp_path / "tampered.pt"))
     data = open(path, "rb").read()
     open(tmp_path / "truncated.pt", "wb").write(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        drift.load_generator(str(tmp_path / "truncated.pt"))
+        sample.load_generator(str(tmp_path / "truncated.pt"))
 
 
 def test_sample_py_writes_what_it_promises_and_reproduces_the_training_grid(tmp_path):
@@ -93,7 +93,7 @@ def test_mae_encoder_stage_then_drifting_with_it(tmp_path):
                               "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "mae")])
     _, out = run(tmp_path, "run", "--encoder", "mae", "--encoder-weights", path, "--max-steps", "2", "--field", "exact")
     assert read_log(out)[-1]["step"] == 2
-    used = drift.load_checkpoint(str(out / "ckpt.pt"))["encoder"]
+    used = sample.load_checkpoint(str(out / "ckpt.pt"))["encoder"]
     assert used["name"] == "mae" and used["sha256"] == drift._sha256(path)  # the stage's encoder, not the pixels
 
 
@@ -139,6 +139,6 @@ def test_fid_events_exclude_evaluation_time(tmp_path, monkeypatch):
 
 def test_conv_generator_trains_and_comes_back_from_its_checkpoint(tmp_path):
     result, out = run(tmp_path, "conv", "--model", "conv", "--max-steps", "3", "--ckpt-every", "0")
-    model, args = drift.load_generator(str(out / "ckpt.pt"))
+    model, args = sample.load_generator(str(out / "ckpt.pt"))
     assert isinstance(model, drift.ConvGenerator) and args["model"] == "conv"
     np.testing.assert_array_equal(sample.generate_images(model, 8), sample.generate_images(result["ema"], 8))
