@@ -948,8 +948,9 @@ class ConvGenerator(Generator):
         scale = 2 ** (len(widths) - 1)
         if image_size % scale or any(w % 8 for w in widths):
             raise ValueError(f"image size {image_size} must be a multiple of {scale}, and widths {widths} of 8")
-        super().__init__(image_size, channels, num_classes, 1, dim, 0, 1, 1.0, style_tokens, style_codebook, 0.0, black_floor)
-        del self.patch_embed, self.positions, self.blocks, self.final_norm, self.final_modulation  # the DiT's parts
+        super().__init__(image_size, channels, num_classes, patch_size=1, dim=dim, depth=0, style_tokens=style_tokens,
+                         style_codebook=style_codebook, black_floor=black_floor)  # the conditioning; the DiT's parts go:
+        del self.patch_embed, self.positions, self.blocks, self.final_norm, self.final_modulation
         self.side = image_size // scale
         self.from_c = nn.Linear(dim, widths[0] * self.side ** 2)
         self.noise_in = nn.ModuleList(nn.Conv2d(channels * (scale >> i) ** 2, w, 1) for i, w in enumerate(widths))
@@ -973,10 +974,11 @@ class ConvGenerator(Generator):
         x = self.out(F.silu(self.out_norm(h)))
         return x.clamp_min(-1) if self.black_floor else x
 
+
 # ----------------------------------------------------------------------------------------------------------
 # registries
 
-GENERATORS = {  # DiT-style sizes; patch size, image size, channels and classes come from the data
+GENERATORS = {  # DiT sizes and the ConvGenerator's; patch size, image size, channels and classes come from the data
     "tiny": dict(dim=128, depth=4, heads=4),
     "conv": dict(dim=128, widths=(64, 32, 16), blocks=(2, 1, 1)),  # ConvGenerator, for 28x28 and 32x32 images
     "small": dict(dim=384, depth=12, heads=6),

@@ -6,6 +6,7 @@ Generate images from a drifting-model checkpoint: one network evaluation per ima
     python sample.py --ckpt out/ckpt.pt --classes 3 7 --cfg 1.5 --png-dir samples/   # one PNG per image
 
 Sample i uses noise seeded by (--seed, i), so the images do not depend on the batch size or the device count.
+This file also holds the checkpoint format the scripts share: atomic writes, a SHA-256 digest, weights_only reads.
 """
 
 import argparse
@@ -23,7 +24,6 @@ import drift
 
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints: the one home the scripts share (train.py writes them, sample.py and fid.py read them)
-
 
 def state_digest(obj):
     """SHA-256 over every tensor's bytes and every value of a nested checkpoint dict."""
