@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 import drift
 import sample
-from sample import generate_images, save_grid
 
 # ---------------------------------------------------------------------------------------------- defaults
 _before = set(globals())
@@ -535,12 +534,12 @@ def train(args):
         if rank != 0:
             return
         k = min(args.num_classes, 10)
-        grid = generate_images(ema_model, 8 * k, 256, device, args.seed, args.sample_cfg, list(range(k)))
-        save_grid(grid, os.path.join(args.out_dir, "samples", f"step{step:06d}.png"), nrow=k)
+        grid = sample.generate_images(ema_model, 8 * k, 256, device, args.seed, args.sample_cfg, list(range(k)))
+        sample.save_grid(grid, os.path.join(args.out_dir, "samples", f"step{step:06d}.png"), nrow=k)
         if args.fid_every > 0 and (step % args.fid_every == 0 or final):
             import fid
             t0 = time.time()
-            imgs = generate_images(ema_model, args.fid_samples, 250, device, args.seed + 1, args.sample_cfg)
+            imgs = sample.generate_images(ema_model, args.fid_samples, 250, device, args.seed + 1, args.sample_cfg)
             scores = fid.fid_from_images(imgs, inception[1], inception[0], 250, device)  # fid, precision, recall
             log({"event": "fid", "step": step, **scores, "train_seconds": train_seconds, "eval_seconds": time.time() - t0})
             tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if v is not None))
@@ -563,9 +562,10 @@ def train(args):
         finite = torch.isfinite(loss.detach() + grad_norm).float()
         if world > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():  # stop before the optimiser writes NaN into the weights; the checkpoint stays good
+        finite, grad_zero = torch.stack([finite, (grad_norm == 0).float()]).tolist()  # one device sync for both
+        if not finite:  # stop before the optimiser writes NaN into the weights; the checkpoint stays good
             raise SystemExit(f"error: the loss or its gradient is not finite at step {step + 1}; {stopped}")
-        still = still + 1 if grad_norm.item() == 0 else 0
+        still = still + 1 if grad_zero else 0
         if still == STILL_STEPS:  # nothing moves the weights but weight decay: the run cannot learn from here
             cause = ("every generated pixel is below black, where --black-floor passes no gradient (BENCHMARKS.md §5c: "
                      "per-block groups on mostly black images, or --out-init 0 with them, end there)") if args.black_floor \
