@@ -86,8 +86,18 @@ def load_generator(path, device="cpu", ema=True):
     """The generator of a train.py checkpoint (its EMA weights by default), in eval mode, and the run's args."""
     ckpt = load_checkpoint(path)
     model = generator_from_args(ckpt["args"])
-    model.load_state_dict(ckpt["ema" if ema else "model"])
+    load_weights(model, ckpt["ema" if ema else "model"], path, ckpt["args"]["model"])
     return model.to(device).eval(), ckpt["args"]
+
+
+def load_weights(model, state, path, name):
+    """model.load_state_dict(state), with one clear message where the weights no longer fit the architecture that
+    drift.GENERATORS[name] describes (a registry entry changed since the checkpoint was written)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path}: its weights do not fit --model {name} as drift.GENERATORS describes it "
+                         f"now ({drift.GENERATORS[name]}); it was written by an older version of that entry") from e
 
 
 @torch.no_grad()

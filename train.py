@@ -481,8 +481,11 @@ def train(args):
     gen = torch.Generator().manual_seed(args.seed + rank)  # every random draw of training comes from here
     step, train_seconds = 0, 0.0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema_model.load_state_dict(ckpt["ema"])
+        try:
+            sample.load_weights(model, ckpt["model"], ckpt_path, args.model)
+            sample.load_weights(ema_model, ckpt["ema"], ckpt_path, args.model)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
         opt.load_state_dict(ckpt["optimizer"])
         if len(ckpt["rng"]) != world:
             raise SystemExit(f"error: the checkpoint was written by {len(ckpt['rng'])} processes; resume it with as many")

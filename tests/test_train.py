@@ -137,8 +137,14 @@ def test_fid_events_exclude_evaluation_time(tmp_path, monkeypatch):
     assert seconds[3] - seconds[2] < 1.5  # the 2 s of evaluation are not on the training clock
 
 
-def test_conv_generator_trains_and_comes_back_from_its_checkpoint(tmp_path):
+def test_conv_generator_trains_and_comes_back_from_its_checkpoint(tmp_path, monkeypatch):
     result, out = run(tmp_path, "conv", "--model", "conv", "--max-steps", "3", "--ckpt-every", "0")
     model, args = sample.load_generator(str(out / "ckpt.pt"))
     assert isinstance(model, drift.ConvGenerator) and args["model"] == "conv"
     np.testing.assert_array_equal(sample.generate_images(model, 8), sample.generate_images(result["ema"], 8))
+    # a registry entry that changed after the checkpoint was written: one clear message, from both readers
+    monkeypatch.setitem(drift.GENERATORS, "conv", dict(drift.GENERATORS["conv"], blocks=(2, 2, 2)))
+    with pytest.raises(ValueError, match="do not fit --model conv"):
+        sample.load_generator(str(out / "ckpt.pt"))
+    with pytest.raises(SystemExit, match="do not fit --model conv"):
+        run(tmp_path, "conv", "--model", "conv", "--max-steps", "4", "--resume")
