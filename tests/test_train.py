@@ -143,7 +143,7 @@ def test_conv_generator_trains_and_comes_back_from_its_checkpoint(tmp_path, monk
     assert isinstance(model, drift.ConvGenerator) and args["model"] == "conv"
     np.testing.assert_array_equal(sample.generate_images(model, 8), sample.generate_images(result["ema"], 8))
     # a registry entry that changed after the checkpoint was written: one clear message, from both readers
-    monkeypatch.setitem(drift.GENERATORS, "conv", dict(drift.GENERATORS["conv"], blocks=(2, 2, 2)))
+    monkeypatch.setitem(drift.GENERATORS, "conv", dict(drift.GENERATORS["conv"], blocks=(3, 3, 3)))
     with pytest.raises(ValueError, match="do not fit --model conv"):
         sample.load_generator(str(out / "ckpt.pt"))
     with pytest.raises(SystemExit, match="do not fit --model conv"):
