@@ -75,19 +75,12 @@ def load_checkpoint(path):
 
 def generator_from_args(a):
     """The generator a run's arguments (a plain dict, as stored in a checkpoint) describe."""
+    size = drift.GENERATORS[a["model"]]
     common = dict(style_tokens=a["style_tokens"], out_init=a.get("out_init", 0.0), black_floor=a.get("black_floor", False),
-                  **drift.GENERATORS[a["model"]])
-    if "widths" in drift.GENERATORS[a["model"]]:
+                  **size)
+    if "widths" in size:
         return drift.ConvGenerator(a["image_size"], a["channels"], a["num_classes"], **common)
     return drift.Generator(a["image_size"], a["channels"], a["num_classes"], a["patch_size"] or a["image_size"] // 4, **common)
-
-
-def load_generator(path, device="cpu", ema=True):
-    """The generator of a train.py checkpoint (its EMA weights by default), in eval mode, and the run's args."""
-    ckpt = load_checkpoint(path)
-    model = generator_from_args(ckpt["args"])
-    load_weights(model, ckpt["ema" if ema else "model"], path, ckpt["args"]["model"])
-    return model.to(device).eval(), ckpt["args"]
 
 
 def load_weights(model, state, path, name):
@@ -98,6 +91,14 @@ def load_weights(model, state, path, name):
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path}: its weights do not fit --model {name} as drift.GENERATORS describes it "
                          f"now ({drift.GENERATORS[name]}); it was written by an older version of that entry") from e
+
+
+def load_generator(path, device="cpu", ema=True):
+    """The generator of a train.py checkpoint (its EMA weights by default), in eval mode, and the run's args."""
+    ckpt = load_checkpoint(path)
+    model = generator_from_args(ckpt["args"])
+    load_weights(model, ckpt["ema" if ema else "model"], path, ckpt["args"]["model"])
+    return model.to(device).eval(), ckpt["args"]
 
 
 @torch.no_grad()
