@@ -6,7 +6,8 @@ Benchmarks for drift.py, with numbers anyone can reproduce on their own machine:
 2) memory: peak memory of the exact field as N grows, and the largest N that fits in a memory budget.
 3) fidelity: projected against exact attraction on the same positives, on real features, as the number of
    landmarks per class grows (random and k-means landmarks): time per step, cosine, relative L2, target MSE.
-4) step: one training step of train.py split into generator, encoder, field and optimizer, for both fields.
+4) step: one training step of train.py split into generator, encoder, field and optimizer, for both fields,
+   MNIST and Fashion-MNIST with their defaults, the generator in fp32 and under bf16 autocast.
 
     python bench.py --quick                                   # seconds: a smoke test on small shapes
     python bench.py --data-dir /path/to/data --json bench.json  # the tables in BENCHMARKS.md
@@ -56,7 +57,9 @@ landmark_counts = "50,100,200,500"  # M per class (fidelity)
 strategies = "random,kmeans"  # landmark strategies (fidelity)
 fidelity_temperatures = "0.02,0.05,0.2"  # temperatures of the fidelity table
 feature_cache = ""  # folder to keep encoded features between runs ("" = none)
-step_steps = 5  # train.py steps timed per field
+step_steps = 5  # train.py steps timed per field and dtype
+step_datasets = "mnist,fashion-mnist"  # datasets of the step benchmark, each with train.py's defaults for it
+step_dtypes = "fp32,bf16"  # the generator in fp32, and under bf16 autocast (train.py's --dtype), steps interleaved
 step_images = 15000  # training images kept for the step benchmark (a step's cost does not depend on it; >= 1,024 a class)
 _defaults = {k: v for k, v in globals().items() if k not in _before and not k.startswith("_")}
 CHOICES = {"queries": ("data", "far"), "encoder": ("resnet18-random", "pixels")}
@@ -418,7 +421,7 @@ def bench_fidelity(args, dev):
 # -----------------------------------------------------------------------------------------------------------
 # 4) a training step of train.py, piece by piece
 
-STEP_COLUMNS = [("field", "{}"), ("dataset", "{}"), ("encoder", "{}"), ("model", "{}"), ("batch", "{}"),
+STEP_COLUMNS = [("field", "{}"), ("dataset", "{}"), ("encoder", "{}"), ("model", "{}"), ("batch", "{}"), ("dtype", "{}"),
                 ("generator_ms", "{:.1f}"), ("encoder_ms", "{:.1f}"), ("field_ms", "{:.1f}"), ("backward_ms", "{:.1f}"),
                 ("optimizer_ms", "{:.1f}"), ("other_ms", "{:.1f}"), ("step_ms", "{:.1f}"), ("field_share", "{:.0%}")]
 
@@ -439,80 +442,88 @@ class Timed:
         return out
 
 
-def time_steps(targs, model, encoder, by_class, feats, scales, fields, steps, dev):
+def time_steps(targs, model, encoder, by_class, feats, scales, fields, steps, dev, dtypes=("fp32",)):
     """train.py's own step (train.drift_step) with the generator, the encoder and drift.drift_loss timed
-    apart, then backward and the optimizer (clip, AdamW, EMA). Returns a list of {part: seconds}, one a step,
-    after one warm-up step."""
+    apart, then backward and the optimizer (clip, AdamW, EMA), for each dtype in turn (a copy of the model
+    each, the generator under bf16 autocast for "bf16"), so that they share the machine's noise. Returns
+    {dtype: [{part: seconds}, one a step]}, after one warm-up step each."""
     import train
-    ema_model = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=targs.lr, betas=(0.9, 0.95), weight_decay=targs.weight_decay)
-    clock = {"generator": 0.0, "encoder": 0.0, "field": 0.0}
-    timed_model, timed_encoder = Timed(model, clock, "generator", dev), Timed(encoder, clock, "encoder", dev)
-    gen, records = torch.Generator().manual_seed(0), []
+    clock, runs, records = {}, {}, {d: [] for d in dtypes}
+    for d in dtypes:
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=targs.lr, betas=(0.9, 0.95), weight_decay=targs.weight_decay)
+        runs[d] = (m, Timed(m, clock, "generator", dev), copy.deepcopy(m).requires_grad_(False), opt,
+                   torch.Generator().manual_seed(0), torch.autocast(dev.type, torch.bfloat16, enabled=d == "bf16"))
+    timed_encoder = Timed(encoder, clock, "encoder", dev)
     drift_loss = drift.drift_loss
     drift.drift_loss = Timed(drift_loss, clock, "field", dev)  # train.drift_step calls it as drift.drift_loss
     try:
         for i in range(steps + 1):
-            clock.update(generator=0.0, encoder=0.0, field=0.0)
-            sync(dev)
-            t0 = time.perf_counter()
-            loss, _ = train.drift_step(targs, timed_model, timed_encoder, by_class, feats, scales, fields, gen, dev,
-                                       torch.autocast(dev.type, enabled=False))
-            sync(dev)
-            t1 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sync(dev)
-            t2 = time.perf_counter()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), targs.grad_clip)
-            opt.step()
-            train.update_ema(ema_model, model, targs.ema)
-            sync(dev)
-            t3 = time.perf_counter()
-            if i > 0:  # the first step is a warm-up
-                records.append({**clock, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0})
+            for d, (m, timed_model, ema_model, opt, gen, autocast) in runs.items():
+                clock.update(generator=0.0, encoder=0.0, field=0.0)
+                sync(dev)
+                t0 = time.perf_counter()
+                loss, _ = train.drift_step(targs, timed_model, timed_encoder, by_class, feats, scales, fields, gen,
+                                           dev, autocast)
+                sync(dev)
+                t1 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                sync(dev)
+                t2 = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), targs.grad_clip)
+                opt.step()
+                train.update_ema(ema_model, m, targs.ema)
+                sync(dev)
+                t3 = time.perf_counter()
+                if i > 0:  # the first step is a warm-up
+                    records[d].append({**clock, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0})
     finally:
         drift.drift_loss = drift_loss
     return records
 
 
 def bench_step(args, dev):
-    """One step of train.py with its defaults, for both fields, on MNIST (--quick: train.py's fake data)."""
+    """One step of train.py with its defaults, for both fields, each dataset and dtype (--quick: train.py's
+    fake data)."""
     try:
         import train
     except ImportError as e:
         print(f"step: skipped (train.py cannot be imported: {e})")
         return None
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        data = ["--dataset", "fake", "--landmarks", "16"] if args.quick else ["--dataset", "mnist", "--download"]
-        if not args.quick:
-            link_raw(args.data_dir, "mnist", tmp)
-        for field in ("exact", "nystrom"):
-            targs = train.parse_args(["--field", field, "--data-dir", tmp, "--cache-dir", tmp, "--device", dev.type]
-                                     + data)
-            images, labels = train.load_dataset(targs)
-            keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.step_images]
-            images, labels = images[keep], labels[keep]  # a step costs the same; the one-off summaries less
-            by_class = [(labels == k).nonzero().squeeze(1) for k in range(int(labels.max()) + 1)]
-            # what train.train sets up before its first step
-            targs.channels, targs.image_size, targs.num_classes = images.shape[1], images.shape[-1], len(by_class)
-            targs.temperatures = tuple(targs.temperatures) or train.FIELD_TEMPERATURES[field]
-            targs.data_hash = train.data_hash(images, labels)
-            torch.manual_seed(0)
-            encoder = train.make_encoder(targs, images, dev, 0)
-            model = sample.generator_from_args(vars(targs)).to(dev)
-            feats, scales, fields = train.encode_dataset(targs, encoder, images, dev, 0), {}, {}
-            if field == "nystrom":
-                scales, fields = train.build_fields(targs, feats, labels, len(by_class), dev, 0, 1)
-            records = time_steps(targs, model, encoder, by_class, feats, scales, fields, args.step_steps, dev)
-            row = {"field": field, "dataset": targs.dataset, "encoder": targs.encoder, "model": targs.model,
-                   "batch": f"{targs.classes_per_step}x{targs.gen_per_class}"}
-            row.update({f"{k}_ms": 1e3 * statistics.median(r[k] for r in records) for k in records[0]})
-            parts = ("generator", "encoder", "field", "backward", "optimizer")
-            row["other_ms"] = row["step_ms"] - sum(row[f"{k}_ms"] for k in parts)
-            row["field_share"] = row["field_ms"] / row["step_ms"]
-            rows.append(row)
+    for name in ["fake"] if args.quick else args.step_datasets.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            data = ["--dataset", "fake", "--landmarks", "16"] if args.quick else ["--dataset", name, "--download"]
+            if not args.quick:
+                link_raw(args.data_dir, name, tmp)
+            for field in ("exact", "nystrom"):
+                targs = train.parse_args(["--field", field, "--data-dir", tmp, "--cache-dir", tmp,
+                                          "--device", dev.type] + data)
+                images, labels = train.load_dataset(targs)
+                keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.step_images]
+                images, labels = images[keep], labels[keep]  # a step costs the same; the one-off summaries less
+                by_class = [(labels == k).nonzero().squeeze(1) for k in range(int(labels.max()) + 1)]
+                # what train.train sets up before its first step
+                targs.channels, targs.image_size, targs.num_classes = images.shape[1], images.shape[-1], len(by_class)
+                targs.temperatures = tuple(targs.temperatures) or train.FIELD_TEMPERATURES[field]
+                targs.data_hash = train.data_hash(images, labels)
+                torch.manual_seed(0)
+                encoder = train.make_encoder(targs, images, dev, 0)
+                model = sample.generator_from_args(vars(targs)).to(dev)
+                feats, scales, fields = train.encode_dataset(targs, encoder, images, dev, 0), {}, {}
+                if field == "nystrom":
+                    scales, fields = train.build_fields(targs, feats, labels, len(by_class), dev, 0, 1)
+                records = time_steps(targs, model, encoder, by_class, feats, scales, fields, args.step_steps, dev,
+                                     args.step_dtypes.split(","))
+                for dtype, recs in records.items():
+                    row = {"field": field, "dataset": targs.dataset, "encoder": targs.encoder, "model": targs.model,
+                           "batch": f"{targs.classes_per_step}x{targs.gen_per_class}", "dtype": dtype}
+                    row.update({f"{k}_ms": 1e3 * statistics.median(r[k] for r in recs) for k in recs[0]})
+                    parts = ("generator", "encoder", "field", "backward", "optimizer")
+                    row["other_ms"] = row["step_ms"] - sum(row[f"{k}_ms"] for k in parts)
+                    row["field_share"] = row["field_ms"] / row["step_ms"]
+                    rows.append(row)
     return rows
 
 
@@ -528,6 +539,9 @@ def parse_args(argv=None):
                        help=helps.get(name, "") + f" (default: {value})")
     p.add_argument("--json", default=None, help="write every number to this file")
     args = p.parse_args(argv)
+    if set(args.step_dtypes.split(",")) - {"fp32", "bf16"} or set(args.step_datasets.split(",")) - set(MNIST_FOLDERS):
+        raise SystemExit(f"error: --step-dtypes takes fp32,bf16 and --step-datasets {','.join(MNIST_FOLDERS)}; got "
+                         f"{args.step_dtypes!r} and {args.step_datasets!r}")
     if args.quick:  # every size small, synthetic data: runs in seconds, needs no files
         args.shapes, args.temperatures, args.landmarks, args.repeats = "128x96x32", "0.05", 24, 3
         args.memory_sizes, args.datasets, args.positives_per_class = "512", "synthetic", 300

@@ -23,7 +23,7 @@ def test_quick_bench_runs_and_its_checks_hold(tmp_path):
 
 def test_quick_step_breakdown_adds_up(tmp_path):
     rows = bench.main(["--quick", "--threads", "1", "--sections", "step"])["step"]
-    assert {r["field"] for r in rows} == {"exact", "nystrom"}
+    assert sorted((r["field"], r["dtype"]) for r in rows) == [(f, d) for f in ("exact", "nystrom") for d in ("bf16", "fp32")]
     for r in rows:
         parts = sum(r[f"{k}_ms"] for k in ("generator", "encoder", "field", "backward", "optimizer", "other"))
         assert abs(parts - r["step_ms"]) < 1e-6 * r["step_ms"] + 1e-9 and 0 < r["field_share"] < 1
