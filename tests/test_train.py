@@ -148,3 +148,17 @@ def test_conv_generator_trains_and_comes_back_from_its_checkpoint(tmp_path, monk
         sample.load_generator(str(out / "ckpt.pt"))
     with pytest.raises(SystemExit, match="do not fit --model conv"):
         run(tmp_path, "conv", "--model", "conv", "--max-steps", "4", "--resume")
+
+
+def test_bf16_autocast_on_a_cpu_only_where_the_cpu_has_bf16(tmp_path, monkeypatch):
+    def weights(name, *extra, steps=3):
+        result, _ = run(tmp_path, name, "--model", "conv", "--max-steps", str(steps), "--ckpt-every", "0", *extra)
+        return torch.cat([p.detach().flatten() for p in result["model"].parameters()])
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
+    fp32 = weights("fp32", "--dtype", "fp32")
+    assert torch.equal(weights("no_bf16"), fp32)  # --dtype bf16 (the default) on a CPU without it: fp32, bit for bit
+    step = (fp32 - weights("fp32_2", "--dtype", "fp32", steps=2)).norm()  # what the third step moved
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    bf16 = weights("bf16")
+    assert not torch.equal(bf16, fp32)  # the generator ran under autocast...
+    assert (bf16 - fp32).norm() < 0.5 * step  # ...and three steps went where fp32's went, to bf16's rounding
