@@ -381,8 +381,9 @@ def setup(args):
 
 
 def cpu_has_bf16():
-    """Whether the CPU computes in bf16 natively (Linux's flags for AVX-512 BF16 or AMX): there a convolutional
-    generator's step is 1.4x faster under bf16 autocast (BENCHMARKS.md §5n); elsewhere bf16 is emulated, slower."""
+    """Whether the CPU computes in bf16 natively (Linux's flags for AVX-512 BF16 or AMX). There the convolutional
+    generator's 30-minute run makes 1.37x the steps under bf16 autocast (BENCHMARKS.md §5n); elsewhere bf16 would
+    be emulated, so the CPU stays fp32."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())
