@@ -494,7 +494,7 @@ def bench_step(args, dev):
     rows = []
     for name in ["fake"] if args.quick else args.step_datasets.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            data = ["--dataset", "fake", "--landmarks", "16"] if args.quick else ["--dataset", name, "--download"]
+            data = ["--dataset", name] + (["--landmarks", "16"] if args.quick else ["--download"])
             if not args.quick:
                 link_raw(args.data_dir, name, tmp)
             for field in ("exact", "nystrom"):
