@@ -51,6 +51,7 @@ classes_per_step = 10  # Nc classes per batch
 gen_per_class = 16  # Nneg generated samples per class (they are also the negatives)
 pos_per_class = 64  # Npos real positives per class (exact field; drawn from the feature cache)
 unc_per_class = 16  # Nunc real unconditional negatives per class, weighted for CFG [1] §3.5
+extra_negatives = 0  # more generated samples per class, forward only (no gradient), that join the negatives
 cfg_max = 4.0  # alpha in [1, cfg-max] drawn with p(alpha) ~ alpha^-cfg_power
 cfg_power = 3.0
 landmarks = 128  # Nystrom landmarks per class (real samples)
@@ -331,13 +332,20 @@ def drift_step(args, model, encoder, by_class, feats, scales, fields, gen, devic
     alpha = sample_alpha(nc, args, gen)  # (Nc,)
     noise, style = raw.make_noise(nc * nneg, gen, device)
     unc = torch.randint(n, (nc * nunc,), generator=gen)
-    w_unc = (alpha - 1) * (nneg - 1) / max(nunc, 1)  # (Nc,)
-    weights = torch.cat([torch.ones(nc, nneg), w_unc[:, None].expand(nc, nunc)], -1).to(device)  # (Nc, Nneg+Nunc)
+    nx = args.extra_negatives  # generated negatives without gradient: the repulsion averages over more samples
+    w_unc = (alpha - 1) * (nneg + nx - 1) / max(nunc, 1)  # (Nc,)
+    weights = torch.cat([torch.ones(nc, nneg + nx), w_unc[:, None].expand(nc, nunc)], -1).to(device)  # (Nc, Nneg+Nx+Nunc)
     if len(fields) < len(feats):  # Npos real positives of each of the batch's classes, for groups without fields
         pos = torch.stack([by_class[k][torch.randint(len(by_class[k]), (npos,), generator=gen)] for k in classes])
     with autocast:
         x = model(noise, classes.repeat_interleave(nneg).to(device), alpha.repeat_interleave(nneg).to(device), style)
         gen_feats = chosen(encoder(x), args)  # {group: (L, Nc*Nneg, C)}
+        extra = {}
+        if nx:
+            with torch.no_grad():
+                noise, style = raw.make_noise(nc * nx, gen, device)
+                extra = chosen(encoder(raw(noise, classes.repeat_interleave(nx).to(device),
+                                           alpha.repeat_interleave(nx).to(device), style)), args)
     loss, norms = 0.0, []
     for g, xg in gen_feats.items():
         L, C = xg.shape[0], xg.shape[-1]
@@ -345,7 +353,8 @@ def drift_step(args, model, encoder, by_class, feats, scales, fields, gen, devic
         field = "nystrom" if g in fields else "exact"  # --loc-field exact: the per-location groups have no fields
         y_pos = feats[g][:, pos.flatten()].to(device).float().view(L, nc, npos, C) if field == "exact" else None
         y_unc = feats[g][:, unc].to(device).float().view(L, nc, nunc, C)
-        y_neg = torch.cat([xg.detach(), y_unc], -2)  # (L, Nc, Nneg+Nunc, C): the samples themselves first
+        y_extra = [extra[g].float().view(L, nc, nx, C)] if nx else []
+        y_neg = torch.cat([xg.detach(), *y_extra, y_unc], -2)  # (L, Nc, Nneg+Nx+Nunc, C): the samples themselves first
         loss_g, stats = drift.drift_loss(xg, y_pos, y_neg, args.temperatures, field, fields.get(g),
                                          weights, True, scales.get(g), classes.to(device), args.affinity_floor)
         loss, norms = loss + loss_g, norms + [stats["drift_norm"]]
@@ -407,6 +416,7 @@ def check_settings(args):
     need(args.loc_field in ("exact", "nystrom"), f"unknown --loc-field {args.loc_field!r}; choose exact or nystrom")
     need(args.pos_per_class >= 1 or (args.field, args.loc_field) == ("nystrom", "nystrom"),
          f"--pos-per-class must be at least 1, got {args.pos_per_class}")
+    need(args.extra_negatives >= 0, f"--extra-negatives must be >= 0, got {args.extra_negatives}")
     need(args.unc_per_class >= 0 and args.landmarks >= 1 and args.loc_landmarks >= 0,
          "--unc-per-class and --loc-landmarks must be >= 0, --landmarks >= 1")
     need(args.cfg_max >= 1 and math.isfinite(args.cfg_max * args.cfg_power * args.sample_cfg),

@@ -1,5 +1,6 @@
 """train.py and sample.py end to end on tiny fake data (torchvision FakeData, 3x16x16, 4 classes), on the CPU."""
 
+import copy
 import json
 import os
 import socket
@@ -162,3 +163,27 @@ def test_bf16_autocast_on_a_cpu_only_where_the_cpu_has_bf16(tmp_path, monkeypatc
     bf16 = weights("bf16")
     assert not torch.equal(bf16, fp32)  # the generator ran under autocast...
     assert (bf16 - fp32).norm() < 0.5 * step  # ...and three steps went where fp32's went, to bf16's rounding
+
+
+def test_extra_negatives_are_the_generators_own_samples_and_count_in_the_cfg_weight(tmp_path, monkeypatch):
+    seen, draws = {}, []
+    make_noise, drift_loss, sample_alpha = drift.Generator.make_noise, drift.drift_loss, train.sample_alpha
+
+    def noise(self, n, generator=None, device="cpu"):  # a step's second draw is the extra negatives'
+        draws.append((copy.deepcopy(self), make_noise(self, n, generator, device)))
+        return draws[-1][1]
+    monkeypatch.setattr(drift.Generator, "make_noise", noise)
+    monkeypatch.setattr(train, "sample_alpha", lambda *a: seen.setdefault("alpha", sample_alpha(*a)))
+    monkeypatch.setattr(drift, "drift_loss", lambda x, y_pos, y_neg, *a: seen.update(x=x, y_neg=y_neg, a=a)
+                        or drift_loss(x, y_pos, y_neg, *a))
+    run(tmp_path, "extra", "--max-steps", "1", "--ckpt-every", "0", "--dtype", "fp32", "--extra-negatives", "5")
+    (_, (first, _)), (model, (extra, style)) = draws[:2]  # 4 classes x 8 with gradient, then 4 x 5 without
+    x, y_neg, alpha = seen["x"], seen["y_neg"], seen["alpha"]
+    weights, classes = seen["a"][3], seen["a"][6]
+    assert first.shape[0] == 32 and extra.shape[0] == 20 and y_neg.shape[-2] == 8 + 5 + 4  # + 4 unconditional
+    torch.testing.assert_close(y_neg[..., :8, :], x.detach())  # the samples themselves first (self-masked)
+    with torch.no_grad():  # then the generator's samples (its weights before the update) of each class, at its CFG scale
+        images = model(extra, classes.repeat_interleave(5), alpha.repeat_interleave(5), style)
+    torch.testing.assert_close(y_neg[..., 8:13, :], images.flatten(1).view(1, 4, 5, -1))
+    torch.testing.assert_close(weights[:, :13], torch.ones(4, 13))  # and the CFG weight counts them ([1] §3.5)
+    torch.testing.assert_close(weights[:, 13:], ((alpha - 1) * (8 + 5 - 1) / 4)[:, None].expand(4, 4))
