@@ -343,9 +343,9 @@ def drift_step(args, model, encoder, by_class, feats, scales, fields, gen, devic
         extra = {}
         if nx:
             with torch.no_grad():
-                noise, style = raw.make_noise(nc * nx, gen, device)
-                extra = chosen(encoder(raw(noise, classes.repeat_interleave(nx).to(device),
-                                           alpha.repeat_interleave(nx).to(device), style)), args)
+                noise_x, style_x = raw.make_noise(nc * nx, gen, device)
+                extra = chosen(encoder(raw(noise_x, classes.repeat_interleave(nx).to(device),
+                                           alpha.repeat_interleave(nx).to(device), style_x)), args)
     loss, norms = 0.0, []
     for g, xg in gen_feats.items():
         L, C = xg.shape[0], xg.shape[-1]

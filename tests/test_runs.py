@@ -175,6 +175,7 @@ def test_a_run_that_goes_non_finite_stops_and_keeps_its_last_good_checkpoint(tmp
     (["--patch-size", "5"], "patch size 5 does not divide the image size 16"),
     (["--field", "nystrum"], "unknown field"),
     (["--loc-landmarks", "-1"], "loc-landmarks must be >= 0"),
+    (["--extra-negatives", "-1"], "extra-negatives must be >= 0"),
     (["--loc-field", "projected"], "unknown --loc-field"),
     (["--field", "nystrom", "--loc-field", "exact", "--pos-per-class", "0"], "pos-per-class must be at least 1"),
     (["--fid-every", "2", "--fid-ref", "missing.npz"], "missing.npz does not exist"),
