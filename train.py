@@ -342,7 +342,7 @@ def drift_step(args, model, encoder, by_class, feats, scales, fields, gen, devic
         gen_feats = chosen(encoder(x), args)  # {group: (L, Nc*Nneg, C)}
         extra = {}
         if nx:
-            with torch.no_grad():
+            with torch.no_grad():  # the bare module: no gradient to synchronise across processes
                 noise_x, style_x = raw.make_noise(nc * nx, gen, device)
                 extra = chosen(encoder(raw(noise_x, classes.repeat_interleave(nx).to(device),
                                            alpha.repeat_interleave(nx).to(device), style_x)), args)
