@@ -466,10 +466,8 @@ class NystromField:
             else:  # unfolded, or float64 queries: from the float64 summaries
                 phi = k @ self._pick(self.w_inv_sqrt, classes).to(x.dtype)  # (..., N, M)
                 num, den = (phi @ self._pick(t, classes).to(x.dtype) for t in (self.S, self.s.unsqueeze(-1)))
-            # Guard: the projected density phi^T s approximates sum_j k(x, y_j) / max_m k(x, u_m), which is
-            # about 1 or more near data (a landmark is itself a positive), but it is not a true density and
-            # can approach 0 or go negative where landmarks are sparse. There the ratio means nothing, so we
-            # fall back to the kernel barycentre of the landmarks themselves: bounded, and pointing to data.
+            # phi^T s ~ sum_j k(x, y_j) / max_m k(x, u_m) is about 1 or more near data, but no true density: where
+            # landmarks are sparse it can near 0 or go negative, so there the landmarks' own barycentre stands in
             ok = den > self.min_density
             b_pos = num / torch.where(ok, den, 1.0)
             if not ok.all():  # the fallback costs a third product: only pay for it when a row needs it
@@ -635,13 +633,24 @@ def feature_groups(fmaps, image, patches=(2, 4)):
     return groups
 
 
+def edge_energy(x):
+    """|central differences| of x [N, C, H, W] in 4 directions (across columns, rows and both diagonals), at
+    full size and on 2x2 means, each [N, 4 C, H, W]: how much edge a place has in each direction, not where
+    it sits, so a kernel mean keeps stripes that shifted copies would average away (BENCHMARKS.md §5p)."""
+    k = torch.tensor([[0, 0, 0, -1, 0, 1, 0, 0, 0], [0, -1, 0, 0, 0, 0, 0, 1, 0], [-1, 0, 0, 0, 0, 0, 0, 0, 1],
+                      [0, 0, -1, 0, 0, 0, 1, 0, 0]], dtype=x.dtype, device=x.device).view(4, 1, 3, 3) / 2
+    diff = lambda t: F.conv2d(t, k.repeat(t.shape[1], 1, 1, 1), padding=1, groups=t.shape[1]).abs()
+    return diff(x), F.interpolate(diff(F.avg_pool2d(x, 2)), size=x.shape[-2:], mode="nearest")
+
+
 class PixelBackbone(nn.Module):
     """No network: the image regrouped into 4x4 pixel blocks (space to depth), so that a location is a small
     patch and the patch statistics cover 8x8 and 16x16 pixel regions; where both sides are multiples of 7
-    (28x28 images), also into 7x7 blocks ("x7"), a 4x4 grid of larger parts."""
+    (28x28 images), also into 7x7 blocks ("x7"), a 4x4 grid of larger parts; and each 4x4 block's mean edge
+    energy ("e4": 8 channels a colour channel, edge_energy's two scales)."""
 
     def forward(self, x):
-        maps = {"x4": F.pixel_unshuffle(x, 4)}  # (N, 16 C, H/4, W/4)
+        maps = {"x4": F.pixel_unshuffle(x, 4), "e4": F.avg_pool2d(torch.cat(edge_energy(x), 1), 4)}  # (N, 16 C | 8 C, H/4, W/4)
         if x.shape[-2] % 7 == 0 and x.shape[-1] % 7 == 0:
             maps["x7"] = F.pixel_unshuffle(x, 7)  # (N, 49 C, H/7, W/7)
         return maps
@@ -691,6 +700,12 @@ class MAEDecoder(nn.Module):
         return F.interpolate(self.net(deepest), size=size, mode="bilinear", align_corners=False)
 
 
+def imagenet_normalised(x):
+    """[-1, 1] grey or RGB images -> RGB normalised by ImageNet's channel means and standard deviations."""
+    mean, std = x.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), x.new_tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return ((x.expand(-1, 3, -1, -1) + 1) / 2 - mean) / std
+
+
 class TorchvisionResNet(nn.Module):
     """A torchvision ResNet (ImageNet weights) tapped after each of its four stages."""
 
@@ -706,12 +721,9 @@ class TorchvisionResNet(nn.Module):
         else:
             self.net = torchvision.models.get_model(name, weights=None)
             self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     def forward(self, x):
-        x = ((x.expand(-1, 3, -1, -1) + 1) / 2 - self.mean) / self.std  # [-1, 1] grey or RGB -> ImageNet
-        n = self.net
+        x, n = imagenet_normalised(x), self.net
         h, maps = n.maxpool(n.relu(n.bn1(n.conv1(x)))), {}
         for i in range(1, 5):
             h = maps[f"layer{i}"] = getattr(n, f"layer{i}")(h)
@@ -730,12 +742,9 @@ class DINOv2(nn.Module):
         except Exception as e:
             raise ValueError(f"could not load {name} through torch.hub ({type(e).__name__}: {e}); it needs the "
                              f"network once, or its hub cache") from None
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     def forward(self, x):
-        x = ((x.expand(-1, 3, -1, -1) + 1) / 2 - self.mean) / self.std
-        maps = self.net.get_intermediate_layers(x, n=4, reshape=True)
+        maps = self.net.get_intermediate_layers(imagenet_normalised(x), n=4, reshape=True)
         return {f"block{i}": m for i, m in enumerate(maps)}
 
 
@@ -852,11 +861,10 @@ class Generator(nn.Module):
     """
     The one-step generator x = f(noise, class, alpha): patchify the noise, DiT blocks conditioned by adaLN-zero
     on class embedding + CFG-scale embedding (+ the sum of random "style" token embeddings from a codebook),
-    unpatchify. The modulations start at zero (adaLN-zero: every block starts as the identity). DiT also zeroes
-    the output layer, but then every sample starts at x = 0 and all get the same drift: a symmetric start the
-    field cannot break, from which the generator spreads out slowly (BENCHMARKS.md §5). out_init > 0 draws the
-    output layer so that the output starts as a per-patch function of the noise with pixel RMS out_init;
-    out_init = 0 is DiT's zero start. black_floor: the output is max(x, -1), for data whose background is black.
+    unpatchify; every block starts as the identity. out_init > 0 draws the output layer so that the output starts
+    as a per-patch function of the noise with pixel RMS out_init; 0 is DiT's zero output layer, where every sample
+    starts at x = 0 with the same drift, a symmetric start the field breaks slowly (BENCHMARKS.md §5).
+    black_floor: the output is max(x, -1), for data whose background is black.
     """
 
     def __init__(self, image_size=32, channels=3, num_classes=10, patch_size=4, dim=256, depth=6, heads=4,
@@ -938,8 +946,7 @@ class ConvGenerator(Generator):
     The same inputs and conditioning as Generator, a small convolutional decoder instead of the DiT: the
     conditioning becomes a widths[0]-channel map at 1/2^(S-1) of the image side, each of the S stages adds the
     noise at its own scale (space to depth, a 1x1 convolution) and runs its residual blocks, and a stage doubles
-    the side (nearest, then a 3x3 convolution) before the next. Locality and translation come with the
-    architecture, which the DiT's 4x4-pixel tokens must learn: on Fashion-MNIST it doubled the recall of a
+    the side (nearest, then a 3x3 convolution) before the next. On Fashion-MNIST it doubled the recall of a
     30-minute CPU run (BENCHMARKS.md §5l).
     """
 

@@ -39,6 +39,41 @@ def test_pixel_encoder_7x7_blocks_are_the_image_tiles():
     assert groups["x4.loc"].shape == (49, 2, 32)  # the 4x4 blocks as before
 
 
+def test_edge_energy_is_the_absolute_central_differences_at_two_scales():
+    """Against a float64 transcription by slicing (zero padding): across columns, rows and both diagonals, at full
+    size and on 2x2 means held 2x2; e4.loc is their mean over each 4x4 block."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 2, 12, 16, dtype=torch.float64) * 2 - 1
+
+    def reference(t):
+        p, (h, w) = torch.nn.functional.pad(t, (1, 1, 1, 1)), t.shape[-2:]
+        at = lambda di, dj: p[..., 1 + di:1 + di + h, 1 + dj:1 + dj + w]  # t[i + di, j + dj], 0 outside
+        d = [at(0, 1) - at(0, -1), at(1, 0) - at(-1, 0), at(1, 1) - at(-1, -1), at(1, -1) - at(-1, 1)]
+        return torch.stack(d, 2).flatten(1, 2).abs() / 2  # (N, 4 C, H, W), colour by colour
+
+    full, half = drift.edge_energy(x)
+    assert torch.allclose(full, reference(x))
+    coarse = reference(torch.nn.functional.avg_pool2d(x, 2))
+    assert torch.allclose(half, coarse.repeat_interleave(2, -2).repeat_interleave(2, -1))
+    groups = drift.Encoder("pixel", in_channels=2)(x.float())
+    energy = torch.cat([full, half], 1).float()
+    assert groups["e4.loc"].shape == (12, 2, 16)  # 3 x 4 blocks, 8 channels a colour
+    for r, c in [(0, 0), (1, 2), (2, 3)]:
+        assert torch.allclose(groups["e4.loc"][4 * r + c], energy[:, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4].mean((2, 3)), atol=1e-6)
+
+
+def test_edge_energy_does_not_see_where_stripes_sit():
+    """Stripes 2 pixels wide and their copy shifted by a pixel differ in half their pixels, but have the same energy away
+    from the border; a flat image has none there."""
+    stripes = torch.tensor([1.0, 1.0, -1.0, -1.0]).repeat(4).expand(1, 1, 8, 16)
+    shifted = stripes.roll(1, -1)
+    assert (stripes != shifted).float().mean() == 0.5
+    for a, b in zip(drift.edge_energy(stripes), drift.edge_energy(shifted)):
+        assert torch.equal(a[..., 2:-2, 2:-2], b[..., 2:-2, 2:-2])
+    assert drift.edge_energy(stripes)[0][0, 0, 2:-2, 2:-2].eq(1).all()  # |1 - (-1)| / 2 across the stripes
+    assert drift.edge_energy(torch.full((1, 1, 8, 8), 0.3))[0][..., 1:-1, 1:-1].abs().max() < 1e-7
+
+
 def test_std_of_constant_features_has_finite_gradient():
     x = torch.zeros(2, 3, 8, 8, requires_grad=True)
     mean, std = drift.patch_statistics(x, 2)
