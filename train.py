@@ -720,6 +720,8 @@ def parse_args(argv=None):
         action.default = argparse.SUPPRESS
     explicit = set(vars(parser.parse_args(argv)))
     for k, v in PRESETS.get(args.dataset, {}).items():
+        if k == "groups" and args.encoder not in ("auto", "pixel"):
+            continue  # a preset's groups name the pixel encoder's maps; another encoder keeps auto (all its groups)
         if k not in explicit or getattr(args, k) == "auto":
             setattr(args, k, v)
     args.explicit = sorted(explicit)

@@ -299,6 +299,10 @@ def test_dataset_defaults_are_what_help_says():
             assert getattr(args, k) == v and f"--{k.replace('_', '-')} {v}" in line
     assert train.parse_args(["--dataset", "cifar10", "--landmarks", "7"]).landmarks == 7  # the command line wins
     assert train.parse_args(["--dataset", "cifar10", "--encoder", "auto"]).encoder == "mae"
+    # the pixel encoder's groups are no default for a network: MNIST with another encoder uses all its groups
+    assert train.parse_args(["--dataset", "mnist", "--encoder", "mae"]).groups == "auto"
+    assert train.parse_args(["--dataset", "mnist", "--encoder", "pixel"]).groups == "pixel,e4.loc"
+    assert train.parse_args(["--dataset", "mnist", "--encoder", "mae", "--groups", "stage4.mean"]).groups == "stage4.mean"
 
 
 def test_fid_reference_defaults_to_the_training_images_cached_once(tmp_path, monkeypatch, private_cache):
