@@ -1,15 +1,13 @@
 """
-Drifting models and DriftXpress in one file: drifting fields (exact and projected), landmarks, feature
-normalisation and the drifting loss, the frozen-encoder wrapper and the one-step generator.
+Drifting models and DriftXpress in one file: drifting fields (exact and projected), landmarks, feature normalisation
+and the drifting loss, the frozen-encoder wrapper and the one-step generator.
 
-A drifting model trains a one-step generator x = f(noise) by moving its samples along a field V that
-attracts them to the data and repels them from each other; at equilibrium V = 0 and the generated
-distribution equals the data distribution. The loss is MSE(x, stopgrad(x + V)).
+A drifting model trains a one-step generator x = f(noise) with the loss MSE(x, stopgrad(x + V)): V attracts the samples
+to the data and repels them from each other, and at equilibrium V = 0 and the generated distribution equals the data's.
 
 References:
-1) Deng, Li, Li, Du, He, "Generative Modeling via Drifting", arXiv 2602.04770.
-   Algorithm 1 (training step), Algorithm 2 (the field), Eq. 8-10 (mean-shift form), §3.5 and A.7 (CFG),
-   A.5 (multi-scale features), A.6 (feature and drift normalisation).
+1) Deng, Li, Li, Du, He, "Generative Modeling via Drifting", arXiv 2602.04770. Alg. 1 (training step), Alg. 2 (the
+   field), Eq. 8-10 (mean shift), §3.5 and A.7 (CFG), A.5 (multi-scale features), A.6 (feature and drift normalisation).
 2) Falahati, Creager, Kamath, Mohapatra, "DriftXpress: Faster Drifting Models via Projected RKHS Fields",
    arXiv 2605.12183. Nystrom features phi(x) = k(x,U)(k(U,U) + ridge I)^(-1/2), cached summaries.
 3) "A Unified View of Score-Based and Drifting Models", arXiv 2603.07514: the Gaussian-kernel mean shift
@@ -30,15 +28,15 @@ import torch.nn.functional as F
 # kernels and fields
 
 KERNELS = ("laplace", "gaussian")
+FIELD_MEMORY = 1 << 29  # bytes: drift_field keeps the [..., N, Np+Nn] float32 distances whole up to this size
+EXP_FLOOR = -87.0  # exp(-87) = 1.6e-38, the smallest normal float32: below it x86 exp runs 10-20x slower
+_checked = threading.local()  # .on: drift_loss or normalised_drift checked the inputs its inner calls get
 
 
 def _check_temperature(*temperatures):
     for t in temperatures:  # T = inf makes the kernel flat, T <= 0 or NaN meaningless
         if not 0 < t < math.inf:
             raise ValueError(f"temperature must be a positive finite number (e.g. 0.05), got {t}")
-
-
-_checked = threading.local()  # .on: drift_loss or normalised_drift checked the inputs its inner calls get
 
 
 def _trusted():
@@ -86,16 +84,14 @@ def _fp32(t):
 
 
 def _centred(y):
-    """What pairwise_distance needs of y [..., M, D]: its mean [..., 1, D], y about it, and those rows' squared
-    norms [..., M]. A set that is used again and again (landmarks) is centred once."""
+    """(mean [..., 1, D], y - mean, squared row norms [..., M]) of y [..., M, D], for pairwise_distance to reuse."""
     centre = y.mean(-2, keepdim=True)  # distances are translation invariant; centring cuts rounding error
     y = y - centre
     return centre, y, torch.linalg.vector_norm(y, dim=-1).square_()
 
 
 def pairwise_distance(x, y, y_centred=None):
-    """L2 distances (not squared) between rows: x [..., N, D], y [..., M, D] -> [..., N, M].
-    y_centred: _centred(y), when the caller keeps it."""
+    """L2 distances (not squared) between rows: x [..., N, D], y [..., M, D] -> [..., N, M]; y_centred: _centred(y)."""
     centre, y, y_sq = y_centred or _centred(y)
     batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
     x = (x - centre).expand(*batch, *x.shape[-2:]).reshape(-1, *x.shape[-2:])  # (B, N, D)
@@ -131,10 +127,6 @@ def _negatives(x, y_neg, mask_self, weights=None):
     return y_neg, mask_self
 
 
-FIELD_MEMORY = 1 << 29  # bytes: drift_field keeps the [..., N, Np+Nn] float32 distances whole up to this size
-EXP_FLOOR = -87.0  # exp(-87) = 1.6e-38, the smallest normal float32: below it x86 exp runs 10-20x slower
-
-
 def _log_normalisers(energy):
     """log r_i = log sum_j exp(-E_ij) [..., N, 1] and log c_j = log sum_i exp(-E_ij) [..., 1, M], each sum
     shifted by its smallest energy. The exponentials go through one buffer a block of rows at a time: small
@@ -154,17 +146,14 @@ def _log_normalisers(energy):
 
 def drift_field(x, y_pos, y_neg=None, temperature=0.05, neg_weights=None, mask_self=None, chunk_size=None,
                 affinity_floor=0.0):
-    """
-    The exact drifting field, Algorithm 2 of [1], without gradient and in float32.
-    x [..., N, D] queries, y_pos [..., Np, D] positives, y_neg [..., Nn, D] negatives (None: x itself with
-    each query's own column masked). neg_weights [..., Nn] multiply the negatives' entries of A after the
-    softmax (the CFG weights of [1] §3.5). Leading dims are independent fields (classes, feature locations).
-    Memory: the distances [..., N, Np+Nn] are kept whole when they fit in FIELD_MEMORY bytes; otherwise (or
-    with chunk_size, queries per chunk) they are computed a chunk of queries at a time, twice: once for the
-    column normalisers, once for the field. The cost is then one more matrix product. Returns V [..., N, D].
+    """The exact drifting field V [..., N, D], Algorithm 2 of [1], without gradient and in float32.
+    x [..., N, D] queries, y_pos [..., Np, D] positives, y_neg [..., Nn, D] negatives (None: x itself, each query's own
+    column masked); leading dims are independent fields (classes, feature locations). neg_weights [..., Nn] multiply the
+    negatives' entries of A after the softmax (the CFG weights of [1] §3.5). The distances [..., N, Np+Nn] are kept
+    whole when they fit in FIELD_MEMORY bytes; otherwise (or with chunk_size, queries per chunk) they are computed a
+    chunk at a time twice, for the column normalisers and for the field, at the cost of one more matrix product.
     affinity_floor > 0 raises every entry of A, the masked diagonal too, to at least that value, as Deng et al.'s
-    released code does (sqrt(clip(A_row * A_col, 1e-6)): floor 1e-3); 0 is Algorithm 2 as published.
-    """
+    released code does (sqrt(clip(A_row * A_col, 1e-6)): floor 1e-3); 0 is Algorithm 2 as published."""
     _check_points(x, y_pos, y_neg, neg_weights)
     _check_temperature(temperature)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
@@ -224,21 +213,20 @@ def _barycentre(log_k, y, weights=None):
 
 
 def mean_shift_field(x, y_pos, y_neg=None, temperature=0.05, kernel="laplace", neg_weights=None, mask_self=None):
-    """
-    The one-sided mean-shift field of [1] Eq. 8-10, the form DriftXpress projects:
-    V(x) = E_k[y_pos | x] - E_k[y_neg | x], each a row-normalised kernel barycentre. Same conventions as
-    drift_field. Anti-symmetric: swapping positives and negatives flips V, and V = 0 when they are equal.
-    """
+    """The one-sided mean-shift field of [1] Eq. 8-10, the form DriftXpress projects: V(x) = E_k[y_pos | x] -
+    E_k[y_neg | x], each a row-normalised kernel barycentre; conventions as drift_field. Anti-symmetric: swapping
+    positives and negatives flips V, and V = 0 when they are equal."""
     _check_points(x, y_pos, y_neg, neg_weights)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        x, y_pos, y_neg, neg_weights = _fp32(x), _fp32(y_pos), _fp32(y_neg), _fp32(neg_weights)
-        y_neg, mask_self = _negatives(x, y_neg, mask_self, neg_weights)
-        attraction = _barycentre(log_kernel(x, y_pos, temperature, kernel), y_pos)
-        return attraction - _repulsion(x, y_neg, temperature, kernel, neg_weights, mask_self)
+        x, y_pos = _fp32(x), _fp32(y_pos)
+        repulsion = _repulsion(x, y_neg, temperature, kernel, neg_weights, mask_self)
+        return _barycentre(log_kernel(x, y_pos, temperature, kernel), y_pos) - repulsion
 
 
 def _repulsion(x, y_neg, temperature, kernel, neg_weights, mask_self):
-    """b_neg(x): the kernel barycentre of the negatives, each query's own column masked when it is one."""
+    """b_neg(x): the kernel barycentre of the negatives (resolved by _negatives), own column masked when it is one."""
+    x, y_neg, neg_weights = _fp32(x), _fp32(y_neg), _fp32(neg_weights)
+    y_neg, mask_self = _negatives(x, y_neg, mask_self, neg_weights)
     log_k = log_kernel(x, y_neg, temperature, kernel)  # (..., N, Nn)
     if mask_self:  # a query never sees itself as a negative
         log_k[..., :, :x.shape[-2]].diagonal(dim1=-2, dim2=-1).fill_(-math.inf)
@@ -267,22 +255,21 @@ def _select_indices(y, m, strategy, generator):
     first = torch.randperm(n, generator=generator)[:m].to(y.device)
     if strategy == "random":
         return first
-    if strategy == "kcenter":  # greedy farthest point: each new landmark is the sample farthest from the chosen
-        chosen = [first[0]]
-        gap = pairwise_distance(y, y[first[:1]]).squeeze(-1)  # (n,) distance to the nearest chosen landmark
-        for _ in range(m - 1):
-            chosen.append(gap.argmax())
-            gap = torch.minimum(gap, pairwise_distance(y, y[chosen[-1]][None]).squeeze(-1))
-        return torch.stack(chosen)
-    # k-means (Lloyd) seeded by k-means++ (each new seed drawn with probability ~ squared distance to the
-    # seeds so far), then each centroid snapped to its nearest unused real sample
-    seeds = [first[0]]
-    gap = pairwise_distance(y, y[first[:1]]).squeeze(-1).square()  # (n,)
+    # kcenter: greedy farthest point. kmeans: k-means++ seeds (each drawn with probability ~ squared distance to those
+    # so far), Lloyd's iterations, then each centroid snapped to its nearest unused real sample
+    chosen = [first[0]]
+    gap = pairwise_distance(y, y[first[:1]]).squeeze(-1)  # (n,) distance to the nearest chosen sample
     for _ in range(m - 1):
-        weights = gap.cpu().double() if gap.sum() > 0 else torch.ones(n, dtype=torch.float64)
-        seeds.append(torch.multinomial(weights, 1, generator=generator)[0].to(y.device))
-        gap = torch.minimum(gap, pairwise_distance(y, y[seeds[-1]][None]).squeeze(-1).square())
-    centroids = y[torch.stack(seeds)].clone()
+        if strategy == "kcenter":
+            chosen.append(gap.argmax())
+        else:
+            sq = gap.square()
+            weights = sq.cpu().double() if sq.sum() > 0 else torch.ones(n, dtype=torch.float64)
+            chosen.append(torch.multinomial(weights, 1, generator=generator)[0].to(y.device))
+        gap = torch.minimum(gap, pairwise_distance(y, y[chosen[-1]][None]).squeeze(-1))
+    if strategy == "kcenter":
+        return torch.stack(chosen)
+    centroids = y[torch.stack(chosen)].clone()
     for _ in range(25):
         assign = pairwise_distance(y, centroids).argmin(-1)  # (n,)
         sums = torch.zeros_like(centroids).index_add_(0, assign, y)
@@ -292,8 +279,7 @@ def _select_indices(y, m, strategy, generator):
             break
         centroids = moved
     dist = pairwise_distance(centroids, y)  # (m, n)
-    taken = torch.zeros(n, dtype=torch.bool, device=y.device)
-    chosen = []
+    taken, chosen = torch.zeros(n, dtype=torch.bool, device=y.device), []
     for row in dist:
         i = row.masked_fill(taken, math.inf).argmin()
         taken[i] = True
@@ -302,11 +288,9 @@ def _select_indices(y, m, strategy, generator):
 
 
 def select_landmarks(y, m, strategy="random", labels=None, generator=None, return_index=False):
-    """
-    Choose m landmarks among the real samples y [n, D] ("random", "kmeans" or "kcenter"). With labels [n]
-    (classes 0..K-1), choose m per class and return [K, m, D]. Landmarks are always real samples, so a
-    landmark's own sample pins the projected density near it. generator: a CPU torch.Generator.
-    """
+    """Choose m landmarks among the real samples y [n, D] ("random", "kmeans" or "kcenter"); with labels [n] (classes
+    0..K-1), m per class, as [K, m, D]. Landmarks are always real samples, so a landmark's own sample pins the projected
+    density near it. generator: a CPU torch.Generator; return_index: also return their indices into y."""
     if strategy not in ("random", "kmeans", "kcenter"):
         raise ValueError(f"unknown landmark strategy {strategy!r}; choose random, kmeans or kcenter")
     _check_points(y, names=("y",))  # a NaN would steer k-means and k-center silently
@@ -343,22 +327,18 @@ def _check_classes(name, classes, n, per, landmarks):
 
 
 class NystromField:
-    """
-    The projected field of DriftXpress [2]. Landmarks U [..., M, D] (real samples); W = k(U, U);
-    phi(x) = k(x, U) (W + ridge I)^(-1/2). Attraction against ALL positives through cached sums
-    s = sum_j phi(y_j) [M] and S = sum_j phi(y_j) y_j^T [M, D]: b_pos(x) = phi(x)^T S / phi(x)^T s, at a cost
-    O(N M D) a step, whatever the number of positives. The field is the one-sided mean shift b_pos - b_neg
-    with exact repulsion over the negatives, as the authors do, for stability.
-    Leading dims of the landmarks are independent fields; fit(..., labels) builds one per class.
-    """
+    """The projected field of DriftXpress [2]. Landmarks U [..., M, D] (real samples); W = k(U, U);
+    phi(x) = k(x, U) (W + ridge I)^(-1/2). Attraction against ALL positives through cached sums s = sum_j phi(y_j) [M]
+    and S = sum_j phi(y_j) y_j^T [M, D]: b_pos(x) = phi(x)^T S / phi(x)^T s, O(N M D) a step whatever the number of
+    positives. The field is the one-sided mean shift b_pos - b_neg with exact repulsion over the negatives, as the
+    authors do, for stability. Leading dims of the landmarks are independent fields; fit(..., labels): one per class."""
 
     def __init__(self, landmarks, temperature=0.05, ridge=1e-4, kernel="laplace", folded=True, min_density=1e-3):
         _check_points(landmarks, names=("landmarks",))  # the temperature and kernel are checked by log_kernel below
         if not 0 <= ridge < math.inf:
             raise ValueError(f"ridge must be >= 0 and finite (e.g. 1e-4), got {ridge}")
-        self.landmarks = landmarks.detach().float()
+        self.landmarks, self.min_density = landmarks.detach().float(), min_density
         self.temperature, self.ridge, self.kernel, self.folded = temperature, ridge, kernel, folded
-        self.min_density = min_density
         # (W + ridge I)^(-1/2) by eigendecomposition in float64; W is PSD, so clamping the eigenvalues at the
         # ridge only removes rounding noise (and keeps the inverse square root finite when ridge = 0)
         u = self.landmarks.double()
@@ -367,8 +347,7 @@ class NystromField:
         evals = evals.clamp_min(max(ridge, 1e-12 * float(evals.max())))
         self.w_inv_sqrt = (evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.mT  # (..., M, M) float64
         self.u_centred = _centred(self.landmarks)  # for the distances of every step (float32 queries)
-        self.s = self.S = None
-        self.count = 0
+        self.s, self.S, self.count = None, None, 0
 
     def _kernel_rows(self, x, u, u_centred=None):
         """k(x, U) [..., N, M] with each row divided by its largest entry, and that row's log shift [..., N, 1].
@@ -384,22 +363,18 @@ class NystromField:
         return phi if shift else phi * log_shift.exp()
 
     def fit(self, y_pos, labels=None, all_reduce=False, chunk_size=4096):
-        """
-        Build the summaries over all positives, in float64 and in chunks. y_pos: a tensor [..., n, D] or an
-        iterable of chunks (tensors, or (tensor, labels) pairs). With labels [n], landmarks are per class
+        """Build the summaries over all positives, in float64 and in chunks; returns self. y_pos: a tensor [..., n, D]
+        or an iterable of chunks (tensors, or (tensor, labels) pairs). With labels [n], landmarks are per class
         [..., K, M, D] and each sample feeds its own class. Sums add up, so shards can be fitted apart:
-        all_reduce=True sums them over the processes of torch.distributed. Returns self.
-        """
+        all_reduce=True sums them over the processes of torch.distributed."""
         if torch.is_tensor(y_pos):
-            n = y_pos.shape[-2]
             chunks = [(y_pos[..., i:i + chunk_size, :], None if labels is None else labels[i:i + chunk_size])
-                      for i in range(0, n, chunk_size)] or [(y_pos, labels)]
+                      for i in range(0, y_pos.shape[-2], chunk_size)] or [(y_pos, labels)]
         else:
             chunks = (c if isinstance(c, (tuple, list)) else (c, labels) for c in y_pos)
-        u, d = self.landmarks, self.landmarks.shape[-1]
+        u = self.landmarks
         self.s = torch.zeros(u.shape[:-1], dtype=torch.float64, device=u.device)  # (..., M)
-        self.S = torch.zeros(*u.shape[:-1], d, dtype=torch.float64, device=u.device)  # (..., M, D)
-        self.count = 0
+        self.S, self.count = torch.zeros(u.shape, dtype=torch.float64, device=u.device), 0  # (..., M, D)
 
         def accumulate(y, u, s, S):  # raw kernel sums into the views s, S; (W + ridge I)^(-1/2) comes at the end
             k = log_kernel(y, u.double(), self.temperature, self.kernel).exp_()  # (..., n, M)
@@ -419,12 +394,10 @@ class NystromField:
         if self.count == 0:
             raise ValueError("fit got no positives")
         # sum_j phi(y_j) = (W + ridge I)^(-1/2) sum_j k(U, y_j): one product at the end, O(n M D) instead of O(n M^2)
-        self.s = (self.w_inv_sqrt @ self.s.unsqueeze(-1)).squeeze(-1)
-        self.S = self.w_inv_sqrt @ self.S
+        self.s, self.S = (self.w_inv_sqrt @ self.s.unsqueeze(-1)).squeeze(-1), self.w_inv_sqrt @ self.S
         if all_reduce:
             import torch.distributed as dist
-            for t in (self.s, self.S):
-                dist.all_reduce(t)
+            dist.all_reduce(self.s), dist.all_reduce(self.S)
         # the folded form: (W + ridge I)^(-1/2) [S, s], so that a step is one product with k(x, U)
         self.folded_summaries = (self.w_inv_sqrt @ torch.cat([self.S, self.s.unsqueeze(-1)], -1)).float()
         return self
@@ -446,8 +419,7 @@ class NystromField:
         if classes is not None:
             n = x.shape[-3] if x.dim() > 2 else 0
             classes = _check_classes("classes", classes, n, "field of x [..., K', N, D]", self.landmarks)
-            # every class once (a class-balanced batch): put the few queries into the landmarks' class order,
-            # rather than copy the many landmarks and summaries into the batch's order
+            # each class once (a class-balanced batch): reorder the few queries, not the many landmarks and summaries
             if self._covers(classes):
                 dim = x.dim() - 3
                 return self._attraction(x.detach().index_select(dim, classes.argsort()), None).index_select(dim, classes)
@@ -479,8 +451,6 @@ class NystromField:
         b_pos = self.attraction(x, classes)
         _check_points(x, None, y_neg, neg_weights)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            x, y_neg, neg_weights = _fp32(x), _fp32(y_neg), _fp32(neg_weights)
-            y_neg, mask_self = _negatives(x, y_neg, mask_self, neg_weights)
             return b_pos - _repulsion(x, y_neg, self.temperature, self.kernel, neg_weights, mask_self)
 
 
@@ -488,12 +458,10 @@ class NystromField:
 # normalisation and loss [1] A.6
 
 def feature_scale(x, y=None, weights=None, mask_self=False):
-    """
-    The feature scale S = (mean distance from the queries x [..., N, C] to the points y [..., M, C]) /
-    sqrt(C), shared over all leading dims (all locations of a feature map), without gradient. Features f/S
-    then sit at mean distance sqrt(C), where a temperature T acts as T * sqrt(C). weights [..., M] weight the
-    columns (CFG); mask_self: the first N columns of y are x itself and the self-distances are left out.
-    """
+    """The feature scale S = (mean distance from the queries x [..., N, C] to the points y [..., M, C]) / sqrt(C),
+    shared over all leading dims (all locations of a feature map), without gradient. Features f/S then sit at mean
+    distance sqrt(C), where a temperature T acts as T * sqrt(C). weights [..., M] weight the columns (CFG); mask_self:
+    the first N columns of y are x itself and the self-distances are left out."""
     _check_points(x, None, y, weights, names=("x", None, "y"))
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         x = _fp32(x)
@@ -543,12 +511,10 @@ def _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weigh
 
 def normalised_drift(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field="exact", nystrom=None,
                      neg_weights=None, mask_self=None, classes=None, affinity_floor=0.0):
-    """
-    The summed drift of [1] A.6 in normalised units (x, y_pos, y_neg already divided by the scale S):
-    V = sum_T V_T / rms(V_T), with V_T the field at temperature T * sqrt(C) and rms = sqrt(E||V_T||^2 / C) over
-    the batch. field="exact": Algorithm 2 against y_pos. field="nystrom": `nystrom` is a list of NystromField,
-    one per temperature (build_nystrom_fields). Returns (V [..., N, C], raw RMS per temperature [len(T)]).
-    """
+    """The summed drift of [1] A.6 in normalised units (x, y_pos, y_neg already divided by the scale S):
+    V = sum_T V_T / rms(V_T), with V_T the field at temperature T * sqrt(C) and rms = sqrt(E||V_T||^2 / C) over the
+    batch. field="exact": Algorithm 2 against y_pos. field="nystrom": `nystrom` is a list of NystromField, one per
+    temperature (build_nystrom_fields). Returns (V [..., N, C], raw RMS per temperature [len(T)])."""
     _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weights, mask_self)
     c = x.shape[-1]
     v_total, raw_norms = torch.zeros_like(_fp32(x)), []
@@ -570,14 +536,12 @@ def normalised_drift(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), 
 
 def drift_loss(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field="exact", nystrom=None,
                neg_weights=None, mask_self=None, scale=None, classes=None, affinity_floor=0.0):
-    """
-    The drifting loss of [1] with the normalisations of A.6, for generated features x [..., N, C] (with grad):
+    """The drifting loss of [1] with the normalisations of A.6, for generated features x [..., N, C] (with grad):
     1. S = feature_scale (stop-grad), shared by the leading dims; features become x/S.
     2. V = normalised_drift(x/S, ...): per temperature the field at T * sqrt(C), divided by its batch RMS, summed.
     3. loss = MSE(x/S, stopgrad(x/S + V)), whose gradient w.r.t. x/S is -2V / numel.
-    field="nystrom" needs `scale`: the one the NystromFields were built with (their summaries are fixed, so
-    the scale must be too); field="exact" computes it from the batch when not given. Returns (loss, stats).
-    """
+    field="nystrom" needs `scale`: the one the NystromFields were built with (their summaries are fixed, so the scale
+    must be too); field="exact" computes it from the batch when not given. Returns (loss, stats)."""
     _check_drift_inputs(x, y_pos, y_neg, temperatures, field, nystrom, neg_weights, mask_self)
     if scale is None:
         if field != "exact":
@@ -594,13 +558,11 @@ def drift_loss(x, y_pos=None, y_neg=None, temperatures=(0.02, 0.05, 0.2), field=
         if not (torch.isfinite(scale).all() and (scale > 0).all()):
             raise ValueError(f"scale must be positive and finite (feature_scale gives one), got {scale}")
     x_n = x.float() / scale  # (..., N, C), carries the gradient
-    y_pos_n = None if y_pos is None else y_pos.detach().float() / scale
-    y_neg_n = None if y_neg is None else y_neg.detach().float() / scale
+    y_pos_n, y_neg_n = (None if y is None else y.detach().float() / scale for y in (y_pos, y_neg))
     with _inputs_checked():
         v, raw_norms = normalised_drift(x_n, y_pos_n, y_neg_n, temperatures, field, nystrom, neg_weights,
                                         mask_self, classes, affinity_floor)
-    loss = F.mse_loss(x_n, (x_n + v).detach())
-    return loss, {"drift_norm": raw_norms.mean(), "scale": scale}
+    return F.mse_loss(x_n, (x_n + v).detach()), {"drift_norm": raw_norms.mean(), "scale": scale}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -624,11 +586,8 @@ def feature_groups(fmaps, image, patches=(2, 4)):
     groups = {}
     for name, fmap in fmaps.items():  # fmap (N, C, H, W)
         groups[f"{name}.loc"] = fmap.flatten(2).permute(2, 0, 1)  # (H*W, N, C)
-        for patch in (0, *patches):
-            if patch > min(fmap.shape[-2:]):
-                continue
-            mean, std = patch_statistics(fmap, patch)
-            groups[f"{name}.mean{patch or ''}"], groups[f"{name}.std{patch or ''}"] = mean, std
+        for patch in (p for p in (0, *patches) if p <= min(fmap.shape[-2:])):  # patches no larger than the map
+            groups[f"{name}.mean{patch or ''}"], groups[f"{name}.std{patch or ''}"] = patch_statistics(fmap, patch)
     groups["pixel"] = image.flatten(1).unsqueeze(0)  # (1, N, C*H*W)
     return groups
 
@@ -757,12 +716,10 @@ def _sha256(path):
 
 
 class Encoder(nn.Module):
-    """
-    The frozen feature network of [1] A.5. images [N, C, H, W] in [-1, 1] -> {group: [locations, N, C]}.
-    Its weights never change (requires_grad False, eval mode), but gradients flow through it to the
-    generator. name: a key of ENCODERS; weights: a local weights file (needed for "mae"); resolution: the
-    size images are resized to before the network (None: as they come; DINOv2 needs a multiple of 14).
-    """
+    """The frozen feature network of [1] A.5: images [N, C, H, W] in [-1, 1] -> {group: [locations, N, C]}. Its weights
+    never change (requires_grad False, eval mode), but gradients flow through it to the generator. name: a key of
+    ENCODERS; weights: a local weights file (needed for "mae"); resolution: the size images are resized to before the
+    network (None: as they come; DINOv2 needs a multiple of 14)."""
 
     def __init__(self, name="pixel", weights=None, in_channels=3, resolution=None, patches=(2, 4)):
         super().__init__()
@@ -774,8 +731,7 @@ class Encoder(nn.Module):
         self.resolution, self.patches = resolution, tuple(patches)
         self.identity = {"name": name, "weights": weights, "sha256": weights and _sha256(weights),
                          "resolution": resolution, "patches": list(patches)}
-        self.requires_grad_(False)
-        self.eval()
+        self.requires_grad_(False).eval()
 
     def train(self, mode=True):
         return super().train(False)  # frozen: normalisation layers keep their statistics
@@ -827,9 +783,8 @@ def scalar_embedding(value, dim, max_period=1000.0):
 
 def sincos_positions(side, dim):
     """Fixed 2-D sin-cos position embedding for a side x side token grid: [side*side, dim]."""
-    pos = torch.arange(side, dtype=torch.float64)
     freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    grid = torch.outer(pos, freqs)  # (side, dim/4)
+    grid = torch.outer(torch.arange(side, dtype=torch.float64), freqs)  # (side, dim/4)
     rows = torch.cat([grid.sin(), grid.cos()], -1)  # (side, dim/2)
     return torch.cat([rows[:, None].expand(side, side, -1), rows[None].expand(side, side, -1)], -1).reshape(-1, dim).float()
 
@@ -843,8 +798,7 @@ class Block(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim, elementwise_affine=False), nn.LayerNorm(dim, elementwise_affine=False)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         hidden = int(dim * mlp_ratio)
-        # the exact (erf) GELU, not DiT's tanh form: the same curve to 5e-4, and a fifth of a training step cheaper on
-        # one CPU thread (BENCHMARKS.md §5e)
+        # exact (erf) GELU, not DiT's tanh: same curve to 5e-4, a step 21% cheaper on one CPU thread (BENCHMARKS.md §5e)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.modulation = nn.Linear(dim, 6 * dim)  # zero-initialised by Generator
 
@@ -858,14 +812,11 @@ class Block(nn.Module):
 
 
 class Generator(nn.Module):
-    """
-    The one-step generator x = f(noise, class, alpha): patchify the noise, DiT blocks conditioned by adaLN-zero
-    on class embedding + CFG-scale embedding (+ the sum of random "style" token embeddings from a codebook),
-    unpatchify; every block starts as the identity. out_init > 0 draws the output layer so that the output starts
-    as a per-patch function of the noise with pixel RMS out_init; 0 is DiT's zero output layer, where every sample
-    starts at x = 0 with the same drift, a symmetric start the field breaks slowly (BENCHMARKS.md §5).
-    black_floor: the output is max(x, -1), for data whose background is black.
-    """
+    """The one-step generator x = f(noise, class, alpha): patchify the noise, DiT blocks conditioned by adaLN-zero on
+    class embedding + CFG-scale embedding (+ the sum of random "style" token embeddings from a codebook), unpatchify;
+    every block starts as the identity. out_init > 0: the output starts as a per-patch function of the noise with pixel
+    RMS out_init; 0: DiT's zero output layer, where every sample starts at x = 0 with the same drift, a symmetry the
+    field breaks slowly (BENCHMARKS.md §5). black_floor: output max(x, -1), for data whose background is black."""
 
     def __init__(self, image_size=32, channels=3, num_classes=10, patch_size=4, dim=256, depth=6, heads=4,
                  mlp_ratio=4.0, style_tokens=32, style_codebook=64, out_init=1.0, black_floor=False):
@@ -881,8 +832,7 @@ class Generator(nn.Module):
         self.cfg_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.style_embed = nn.Embedding(style_codebook, dim) if style_tokens else None
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
-        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False)
-        self.final_modulation = nn.Linear(dim, 2 * dim)
+        self.final_norm, self.final_modulation = nn.LayerNorm(dim, elementwise_affine=False), nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, patch_size * patch_size * channels)
         self.apply(lambda m: nn.init.xavier_uniform_(m.weight) if isinstance(m, nn.Linear) else None)
         for m in self.modules():
@@ -894,8 +844,7 @@ class Generator(nn.Module):
         if self.style_embed is not None:
             nn.init.normal_(self.style_embed.weight, std=0.5 / math.sqrt(style_tokens))
         for layer in [b.modulation for b in self.blocks] + [self.final_modulation, self.out]:  # adaLN-zero
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
         if out_init:  # the final LayerNorm gives tokens unit mean square: weights of std out_init/sqrt(dim) give that pixel RMS
             nn.init.normal_(self.out.weight, std=out_init / math.sqrt(dim))
 
@@ -932,8 +881,7 @@ class ConvBlock(nn.Module):
         self.conv1, self.conv2 = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1)
         self.modulation = nn.Linear(dim, 4 * channels)  # zero-initialised, and conv2 too: the block starts as the identity
         for layer in (self.modulation, self.conv2):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
 
     def forward(self, h, c):
         shift1, scale1, shift2, scale2 = self.modulation(F.silu(c))[:, :, None, None].chunk(4, 1)
@@ -942,13 +890,10 @@ class ConvBlock(nn.Module):
 
 
 class ConvGenerator(Generator):
-    """
-    The same inputs and conditioning as Generator, a small convolutional decoder instead of the DiT: the
-    conditioning becomes a widths[0]-channel map at 1/2^(S-1) of the image side, each of the S stages adds the
-    noise at its own scale (space to depth, a 1x1 convolution) and runs its residual blocks, and a stage doubles
-    the side (nearest, then a 3x3 convolution) before the next. On Fashion-MNIST it doubled the recall of a
-    30-minute CPU run (BENCHMARKS.md §5l).
-    """
+    """The same inputs and conditioning as Generator, a small convolutional decoder instead of the DiT: the conditioning
+    becomes a widths[0]-channel map at 1/2^(S-1) of the image side, each of the S stages adds the noise at its own scale
+    (space to depth, a 1x1 convolution) and runs its residual blocks, and a stage doubles the side (nearest, then a 3x3
+    convolution) before the next. On Fashion-MNIST it doubled the recall of a 30-minute CPU run (BENCHMARKS.md §5l)."""
 
     def __init__(self, image_size=28, channels=1, num_classes=10, dim=128, widths=(64, 32, 16), blocks=(2, 2, 2),
                  style_tokens=32, style_codebook=64, out_init=1.0, black_floor=False):
@@ -987,8 +932,7 @@ class ConvGenerator(Generator):
 
 GENERATORS = {  # DiT sizes and the ConvGenerator's; patch size, image size, channels and classes come from the data
     "tiny": dict(dim=128, depth=4, heads=4),
-    # ConvGenerator, for 28x28 and 32x32 images; two blocks at 14x14 and 28x28, not one: Fashion-MNIST FID 30.2
-    # against 33.6-35.2 in 30 minutes of one thread, for 0.8x the steps (BENCHMARKS.md §5m)
+    # ConvGenerator, for 28x28 and 32x32 images; two blocks at 14x14 and 28x28, not one: better FID (BENCHMARKS.md §5m)
     "conv": dict(dim=128, widths=(64, 32, 16), blocks=(2, 2, 2)),
     "small": dict(dim=384, depth=12, heads=6),
     "base": dict(dim=768, depth=12, heads=12),
