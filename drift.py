@@ -397,7 +397,8 @@ class NystromField:
         self.s, self.S = (self.w_inv_sqrt @ self.s.unsqueeze(-1)).squeeze(-1), self.w_inv_sqrt @ self.S
         if all_reduce:
             import torch.distributed as dist
-            dist.all_reduce(self.s), dist.all_reduce(self.S)
+            for t in (self.s, self.S):
+                dist.all_reduce(t)
         # the folded form: (W + ridge I)^(-1/2) [S, s], so that a step is one product with k(x, U)
         self.folded_summaries = (self.w_inv_sqrt @ torch.cat([self.S, self.s.unsqueeze(-1)], -1)).float()
         return self
@@ -844,7 +845,8 @@ class Generator(nn.Module):
         if self.style_embed is not None:
             nn.init.normal_(self.style_embed.weight, std=0.5 / math.sqrt(style_tokens))
         for layer in [b.modulation for b in self.blocks] + [self.final_modulation, self.out]:  # adaLN-zero
-            nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
+            for p in (layer.weight, layer.bias):
+                nn.init.zeros_(p)
         if out_init:  # the final LayerNorm gives tokens unit mean square: weights of std out_init/sqrt(dim) give that pixel RMS
             nn.init.normal_(self.out.weight, std=out_init / math.sqrt(dim))
 
@@ -880,8 +882,8 @@ class ConvBlock(nn.Module):
         self.norm1, self.norm2 = nn.GroupNorm(8, channels, affine=False), nn.GroupNorm(8, channels, affine=False)
         self.conv1, self.conv2 = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1)
         self.modulation = nn.Linear(dim, 4 * channels)  # zero-initialised, and conv2 too: the block starts as the identity
-        for layer in (self.modulation, self.conv2):
-            nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
+        for p in (self.modulation.weight, self.modulation.bias, self.conv2.weight, self.conv2.bias):
+            nn.init.zeros_(p)
 
     def forward(self, h, c):
         shift1, scale1, shift2, scale2 = self.modulation(F.silu(c))[:, :, None, None].chunk(4, 1)

@@ -171,6 +171,7 @@ def test_no_nan_at_small_temperature_far_queries_and_duplicates():
 
 def test_loss_under_bf16_autocast_is_finite_and_fields_stay_fp32():
     g = gen(9)
+    torch.manual_seed(0)  # the layer's init: about 1 in 100 draws puts a bf16 rounding past close()'s tolerance
     net = torch.nn.Linear(4, 16)
     y_pos = torch.randn(64, 16, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
