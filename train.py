@@ -719,9 +719,10 @@ def parse_args(argv=None):
     for action in parser._actions:  # parse again with no defaults: what is left was given
         action.default = argparse.SUPPRESS
     explicit = set(vars(parser.parse_args(argv)))
-    for k, v in PRESETS.get(args.dataset, {}).items():
-        if k == "groups" and args.encoder not in ("auto", "pixel"):
-            continue  # a preset's groups name the pixel encoder's maps; another encoder keeps auto (all its groups)
+    preset = PRESETS.get(args.dataset, {})
+    for k, v in preset.items():  # encoder comes first, so args.encoder is settled when groups come
+        if k == "groups" and args.encoder != preset["encoder"]:
+            continue  # a preset's groups name its own encoder's maps; another encoder keeps auto (all its groups)
         if k not in explicit or getattr(args, k) == "auto":
             setattr(args, k, v)
     args.explicit = sorted(explicit)
