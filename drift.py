@@ -771,6 +771,23 @@ ENCODERS = {
 # ----------------------------------------------------------------------------------------------------------
 # generator: a compact DiT with adaLN-zero [1] A.2
 
+class BlackFloor(torch.autograd.Function):
+    """max(x, -1): below black is black. Backward, a pixel below the floor still hears a loss gradient that would lift
+    it (g < 0), and not one that would push it further down. With max's own gradient (0 there) a run whose every
+    pixel fell below black could never come back: 1 to 2 of 3 MNIST seeds in their first 100 steps (BENCHMARKS.md §5s)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        below = x < -1
+        ctx.save_for_backward(below)
+        return x.masked_fill(below, -1.0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (below,) = ctx.saved_tensors
+        return g.masked_fill(below & (g > 0), 0.0)
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # (N, T, D)
 
@@ -807,7 +824,11 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c)).chunk(6, -1)  # (N, D) each
         n, t, d = x.shape
         q, k, v = self.qkv(modulate(self.norm1(x), shift1, scale1)).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d)  # (N, T, D)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # torch's CPU flash attention: backward 5x slower in
+            h = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1).to(v.dtype) @ v  # bf16 (BENCHMARKS.md §5s)
+        else:
+            h = F.scaled_dot_product_attention(q, k, v)
+        h = h.transpose(1, 2).reshape(n, t, d)  # (N, T, D)
         x = x + gate1.unsqueeze(1) * self.proj(h)
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -871,7 +892,7 @@ class Generator(nn.Module):
         x = self.out(modulate(self.final_norm(x), shift, scale))  # (N, T, p*p*C)
         x = x.view(-1, side, side, p, p, self.channels).permute(0, 5, 1, 3, 2, 4)  # (N, C, side, p, side, p)
         x = x.reshape(-1, self.channels, self.image_size, self.image_size)
-        return x.clamp_min(-1) if self.black_floor else x  # any value below black is black
+        return BlackFloor.apply(x) if self.black_floor else x
 
 
 class ConvBlock(nn.Module):
@@ -926,7 +947,7 @@ class ConvGenerator(Generator):
             for block in stage:
                 h = block(h, c)
         x = self.out(F.silu(self.out_norm(h)))
-        return x.clamp_min(-1) if self.black_floor else x
+        return BlackFloor.apply(x) if self.black_floor else x
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -104,12 +104,13 @@ _natural = dict(encoder="mae", model="small", patch_size=2, gen_per_class=64, po
 # MNIST-style: 4x4-pixel patches (a 7x7 token grid; 7x7 patches left seams and one style a class), 256
 # positives a class for the exact field and 1,024 landmarks a class for the Nystrom one (128 summarised each
 # class too coarsely: FID 82 against 56 in the same 30 minutes; BENCHMARKS.md §5 measures all three), and the
-# black floor (without it the digits sat in a grey haze: FID 70.5 against 34.2 at 12 minutes, §5b); 6,000 steps,
-# for FID still falls after 4,000 (an H200 reaches them in 3-5 minutes; the README's CPU runs stop at 30 minutes)
+# black floor (without it the digits sat in a grey haze: FID 70.5 against 34.2 at 12 minutes, §5b); 16,000 steps,
+# for recall still grows at 7,500, about 0.05 a doubling (§5r; an H200 makes 16,000 in about 8 minutes, §6; the
+# README's CPU runs stop at 30 minutes)
 # and each 4x4 block's edge energy per location (e4.loc; drift.edge_energy), drifted by the exact field: 30 minutes
 # of one thread, FID 17.7 -> 13.6 (Nystrom; exact 14.4), precision 0.66 -> 0.74 (BENCHMARKS.md §5p)
 _digits = dict(encoder="pixel", groups="pixel,e4.loc", loc_field="exact", patch_size=4, pos_per_class=256,
-               landmarks=1024, black_floor=True, max_steps=6000)
+               landmarks=1024, black_floor=True, max_steps=16000)
 # Fashion-MNIST: every 4x4-pixel block is also a drift problem of its own (x4.loc), so that a sample can match
 # different garments in different places: at 15 minutes FID 93.4 -> 81.5 and twice the recall (BENCHMARKS.md §5c);
 # not on MNIST, where the mostly black blocks pulled every sample to black (and speckled every digit when the floor
@@ -598,8 +599,8 @@ def train(args):
             raise SystemExit(f"error: the loss or its gradient is not finite at step {step + 1}; {stopped}")
         still = still + 1 if grad_zero else 0
         if still == STILL_STEPS:  # nothing moves the weights but weight decay: the run cannot learn from here
-            cause = ("every generated pixel is below black, where --black-floor passes no gradient (BENCHMARKS.md §5c: "
-                     "per-block groups on mostly black images, or --out-init 0 with them, end there)") if args.black_floor \
+            cause = ("every generated pixel is below black, and the drift lifts none of them (--black-floor passes only "
+                     "gradients that lift a pixel; BENCHMARKS.md §5c, §5s)") if args.black_floor \
                 else "the drift is zero everywhere"
             raise SystemExit(f"error: the generator has had no gradient for {still} steps (to step {step + 1}): {cause}. "
                              f"The last checkpoint (step {saved_step}) is {ckpt_path}; start again with other settings")

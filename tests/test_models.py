@@ -1,5 +1,6 @@
 """The encoder wrapper and the generator: feature groups as documented, frozen weights, gradient flow."""
 
+import copy
 import os
 
 import pytest
@@ -146,7 +147,7 @@ def test_output_init_gives_each_sample_its_own_start_of_the_requested_spread():
     assert torch.equal(old(n, torch.arange(3), torch.ones(3), s), torch.zeros(3, 3, 16, 16))
 
 
-def test_black_floor_makes_every_value_below_black_black_and_stops_the_gradient_only_there():
+def test_black_floor_makes_every_value_below_black_black_and_lets_only_lifting_gradients_through_below_it():
     args = dict(image_size=16, channels=3, num_classes=4, patch_size=4, style_tokens=4, model="tiny", out_init=2.0)
     free, floored = sample.generator_from_args(args), sample.generator_from_args(dict(args, black_floor=True))
     floored.load_state_dict(free.state_dict())
@@ -156,13 +157,80 @@ def test_black_floor_makes_every_value_below_black_black_and_stops_the_gradient_
     below = x < -1
     assert 0.1 < below.float().mean() < 0.5 and (x > 1).any()  # at RMS 2 many pixels leave [-1, 1] on both sides
     assert torch.equal(y[below], torch.full_like(y[below], -1.0)) and torch.equal(y[~below], x[~below])  # above: as is
-    # a loss on the floored image: the gradient of the pixels below black is 0, the others' as without the floor
+    # a loss on the floored image with gradient g = target: a pixel below black passes g only where g < 0, where a
+    # descent step lifts it; above black every gradient passes, as without the floor
     target = torch.randn_like(x)
-    (gx,) = torch.autograd.grad((x * target * ~below).sum(), free.out.weight)
+    passes = ~below | (target < 0)
+    assert (below & (target < 0)).any() and (below & (target > 0)).any()
+    (gx,) = torch.autograd.grad((x * target * passes).sum(), free.out.weight)
     (gy,) = torch.autograd.grad((y * target).sum(), floored.out.weight)
     assert torch.allclose(gx, gy, rtol=1e-5, atol=1e-6) and gy.abs().sum() > 0
     # checkpoints from before this option have no black_floor in their args: no floor
     assert sample.generator_from_args(args).black_floor is False
+
+
+def test_a_generator_whose_every_pixel_fell_below_black_comes_back_when_the_drift_lifts_it():
+    """With max(x, -1)'s own gradient (0 below -1) such a generator could never move again (train.py stopped those
+    runs); the floor's backward lets a drift that lifts a pixel reach it, and still none that pushes it down."""
+    torch.manual_seed(0)
+    gen = sample.generator_from_args(dict(image_size=16, channels=1, num_classes=2, patch_size=4, style_tokens=0,
+                                          model="tiny", black_floor=True))
+    with torch.no_grad():
+        gen.out.bias.fill_(-3.0)  # every pixel below black
+    noise, _ = gen.make_noise(4, torch.Generator().manual_seed(0))
+    labels, alpha = torch.tensor([0, 1, 0, 1]), torch.ones(4)
+    ink = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    ink[..., 4:12, 6:10] = True  # where the drift asks for ink
+    drift_to = lambda y: torch.where(ink, 0.5, -0.5)  # lift the ink, push the rest further down
+    y = gen(noise, labels, alpha)
+    assert torch.equal(y, torch.full_like(y, -1.0))
+    (g_down,) = torch.autograd.grad((y * ~ink).sum(), gen.out.bias)  # pushing down only (g > 0): nothing passes
+    assert torch.equal(g_down, torch.zeros_like(g_down))
+    gen.black_floor = False  # max's own gradient: the lift cannot reach a pixel below black
+    (g_max,) = torch.autograd.grad(-(gen(noise, labels, alpha).clamp_min(-1) * ink).sum(), gen.out.bias)
+    gen.black_floor = True
+    (g_lift,) = torch.autograd.grad(-(gen(noise, labels, alpha) * ink).sum(), gen.out.bias)
+    assert torch.equal(g_max, torch.zeros_like(g_max)) and g_lift.abs().min() > 0
+    opt = torch.optim.Adam(gen.parameters(), lr=0.05)
+    for _ in range(60):
+        y = gen(noise, labels, alpha)
+        loss = (y - (y + drift_to(y)).detach()).square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    y = gen(noise, labels, alpha).detach()
+    assert (y[ink.expand_as(y)] > -1).float().mean() > 0.9  # the ink came back
+
+
+def test_dit_attention_under_cpu_bf16_autocast_matches_float64_without_torchs_cpu_flash_kernel(monkeypatch):
+    """Under CPU bf16 autocast the block computes softmax(q k^T / sqrt(d)) v itself: torch's CPU flash kernel's
+    backward is several times slower in bf16 (BENCHMARKS.md §5s). Forward and backward against float64 SDPA."""
+    torch.manual_seed(0)
+    block = drift.Block(64, 4)
+    x, c = torch.randn(6, 16, 64), torch.randn(6, 64)
+    seen = {}
+    block.proj.register_forward_hook(lambda m, inp, out: seen.__setitem__(inp[0].dtype, inp[0]))  # the attention
+    ref = copy.deepcopy(block).double()
+    x64 = x.double().requires_grad_()
+    (ref(x64, c.double()) * torch.linspace(-1, 1, 64, dtype=torch.float64)).sum().backward()
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def refuse(*a, **k):
+        raise AssertionError("the CPU bf16 path must not call scaled_dot_product_attention")
+    monkeypatch.setattr(drift.F, "scaled_dot_product_attention", refuse)
+    xb = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(xb, c)
+    (out.float() * torch.linspace(-1, 1, 64)).sum().backward()
+    monkeypatch.setattr(drift.F, "scaled_dot_product_attention", real_sdpa)
+    h, h64 = seen[torch.bfloat16].double(), seen[torch.float64]
+    assert (h - h64).norm() / h64.norm() < 1e-2
+    assert (xb.grad.double() - x64.grad).norm() / x64.grad.norm() < 2e-2
+    # the scale matters: without 1/sqrt(d) the attention would be off by far more than bf16's rounding
+    q, k, v = ref.qkv(drift.modulate(ref.norm1(x64.detach()), *ref.modulation(torch.nn.functional.silu(
+        c.double())).chunk(6, -1)[:2])).view(6, 16, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    unscaled = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+    assert (unscaled.transpose(1, 2).reshape(6, 16, 64) - h64).norm() / h64.norm() > 0.1
 
 
 def test_bad_encoder_names_and_weights_fail_clearly(tmp_path):
