@@ -772,20 +772,22 @@ ENCODERS = {
 # generator: a compact DiT with adaLN-zero [1] A.2
 
 class BlackFloor(torch.autograd.Function):
-    """max(x, -1): below black is black. Backward, a pixel below the floor still hears a loss gradient that would lift
-    it (g < 0), and not one that would push it further down. With max's own gradient (0 there) a run whose every
-    pixel fell below black could never come back: 1 to 2 of 3 MNIST seeds in their first 100 steps (BENCHMARKS.md §5s)."""
+    """max(x, -1): below black is black, and a pixel below it gets no gradient, so a background pixel need only go
+    below black. Only a sample whose every pixel is below black, which max could never bring back, passes the
+    gradients that would lift a pixel (g < 0). 1 to 2 of 3 MNIST seeds went there in their first 100 steps; letting
+    every pixel hear its lift instead cost MNIST recall 0.59 -> 0.41 (grey halos; BENCHMARKS.md §5s)."""
 
     @staticmethod
     def forward(ctx, x):
         below = x < -1
-        ctx.save_for_backward(below)
+        ctx.save_for_backward(below, below.flatten(1).all(1))
         return x.masked_fill(below, -1.0)
 
     @staticmethod
     def backward(ctx, g):
-        (below,) = ctx.saved_tensors
-        return g.masked_fill(below & (g > 0), 0.0)
+        below, dead = ctx.saved_tensors
+        lift = dead.view((-1,) + (1,) * (g.dim() - 1)) & (g < 0)
+        return g.masked_fill(below & ~lift, 0.0)
 
 
 def modulate(x, shift, scale):
