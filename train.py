@@ -599,8 +599,8 @@ def train(args):
             raise SystemExit(f"error: the loss or its gradient is not finite at step {step + 1}; {stopped}")
         still = still + 1 if grad_zero else 0
         if still == STILL_STEPS:  # nothing moves the weights but weight decay: the run cannot learn from here
-            cause = ("every generated pixel is below black, and the drift lifts none of them (--black-floor passes only "
-                     "gradients that lift a pixel; BENCHMARKS.md §5c, §5s)") if args.black_floor \
+            cause = ("every generated pixel is below black, and the drift lifts none of them (BENCHMARKS.md §5c, "
+                     "§5s)") if args.black_floor \
                 else "the drift is zero everywhere"
             raise SystemExit(f"error: the generator has had no gradient for {still} steps (to step {step + 1}): {cause}. "
                              f"The last checkpoint (step {saved_step}) is {ckpt_path}; start again with other settings")
