@@ -780,14 +780,14 @@ class BlackFloor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         below = x < -1
-        ctx.save_for_backward(below, below.flatten(1).all(1))
+        ctx.save_for_backward(below)
         return x.masked_fill(below, -1.0)
 
     @staticmethod
     def backward(ctx, g):
-        below, dead = ctx.saved_tensors
-        lift = dead.view((-1,) + (1,) * (g.dim() - 1)) & (g < 0)
-        return g.masked_fill(below & ~lift, 0.0)
+        (below,) = ctx.saved_tensors
+        dead = below.flatten(1).all(1).view((-1,) + (1,) * (g.dim() - 1))  # samples wholly below black
+        return g.masked_fill(below & ~(dead & (g < 0)), 0.0)
 
 
 def modulate(x, shift, scale):
