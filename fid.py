@@ -447,7 +447,7 @@ def plot_fid_vs_time(jsonl_paths, out_png, title="FID against training wall-cloc
     t_max = max(t for _, points in runs for t, _ in points)
     unit, per = ("h", 3600) if t_max >= 3 * 3600 else ("min", 60) if t_max >= 180 else ("s", 1)
     fids = [f for _, points in runs for _, f in points]
-    log = min(fids) > 0 and max(fids) / min(fids) > 5  # FID falls by an order of magnitude early on: keep the tail legible
+    log = min(fids) > 0 and max(fids) / min(fids) > 5  # FID falls tenfold early on: log keeps the tail legible
     pad = 0 if max(fids) > min(fids) else 1  # a single value still gets an axis around it
     xticks, yticks = nice_ticks(0, max(round(t_max / per, 2), 1)), nice_ticks(min(fids) - pad, max(fids) + pad, log)
     if not log:
