@@ -121,8 +121,9 @@ _digits = dict(encoder="pixel", groups="pixel,e4.loc", loc_field="exact", patch_
 # and the convolutional generator (--model conv): 30 minutes, one thread, FID 55.4 -> 35.0 and 32.4 (exact, two
 # seeds), recall 0.15 -> 0.34, Nystrom 33.6; on MNIST 17.2 against the DiT's 16.2, so MNIST keeps the DiT (§5l);
 # with two blocks at each scale (drift.GENERATORS["conv"]) Nystrom 30.2, exact 32.3; both cores 32.1 -> 29.3 (§5m)
-# 16,000 steps, as MNIST (6,000 until 2026-12-07): the README's Nystrom run continued on this CPU to 60, 90 and 120
-# minutes (5,899, 10,339, 14,471, 19,078 steps) scored FID 27.5, 27.0, 25.4, 25.6, recall 0.386, 0.424, 0.425, 0.433 (§5z)
+# 16,000 steps, as MNIST (6,000 until 2026-12-07): the README's Nystrom run continued on this CPU from 30 to 60, 90
+# and 120 minutes (5,899, 10,339, 14,471, 19,078 steps) scored FID 27.5, 27.0, 25.4, 25.6 and recall 0.386,
+# 0.424, 0.425, 0.433 (§5z)
 _fashion = dict(_digits, groups="pixel,x4.loc,x7.loc", loc_landmarks=128, loc_field="exact", model="conv")
 PRESETS = {"mnist": _digits, "fashion-mnist": _fashion, "cifar10": _natural,
            "cifar100": dict(_natural, landmarks=150), "svhn": _natural, "imagefolder": _natural,
