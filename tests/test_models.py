@@ -193,9 +193,10 @@ def test_a_generator_whose_every_pixel_fell_below_black_comes_back_when_the_drif
         gen.out.bias.fill_(-3.0)  # every pixel below black
     noise, _ = gen.make_noise(4, torch.Generator().manual_seed(0))
     labels, alpha = torch.tensor([0, 1, 0, 1]), torch.ones(4)
-    ink = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
-    ink[..., 4:12, 6:10] = True  # where the drift asks for ink
-    drift_to = lambda y: torch.where(ink, 0.5, -0.5)  # lift the ink, push the rest further down
+    # where the drift asks for ink: the middle 2x2 pixels of every 4x4 patch, which the output layer alone can draw
+    middle = torch.tensor([False, True, True, False])
+    ink = (middle.repeat(4)[:, None] & middle.repeat(4)[None, :]).view(1, 1, 16, 16)
+    drift_to = lambda y: torch.where(ink, 0.5, -1.5) - y  # toward grey ink there, further below black elsewhere
     y = gen(noise, labels, alpha)
     assert torch.equal(y, torch.full_like(y, -1.0))
     (g_down,) = torch.autograd.grad((y * ~ink).sum(), gen.out.bias)  # pushing down only (g > 0): nothing passes
@@ -204,8 +205,11 @@ def test_a_generator_whose_every_pixel_fell_below_black_comes_back_when_the_drif
     (g_max,) = torch.autograd.grad(-(gen(noise, labels, alpha).clamp_min(-1) * ink).sum(), gen.out.bias)
     gen.black_floor = True
     (g_lift,) = torch.autograd.grad(-(gen(noise, labels, alpha) * ink).sum(), gen.out.bias)
-    assert torch.equal(g_max, torch.zeros_like(g_max)) and g_lift.abs().min() > 0
-    opt = torch.optim.Adam(gen.parameters(), lr=0.05)
+    lifted = (middle[:, None] & middle[None, :]).flatten()  # the bias is ordered (row, column, channel) in a patch
+    assert torch.equal(g_max, torch.zeros_like(g_max)) and (g_lift[lifted] < 0).all() and (g_lift[~lifted] == 0).all()
+    # only the output layer learns: with every layer at this lr, whole samples came back and fell again, and the 60th
+    # step caught them up on one CPU and down on another (the floor's part is the same either way)
+    opt = torch.optim.Adam(gen.out.parameters(), lr=0.05)
     for _ in range(60):
         y = gen(noise, labels, alpha)
         loss = (y - (y + drift_to(y)).detach()).square().sum()
@@ -213,7 +217,7 @@ def test_a_generator_whose_every_pixel_fell_below_black_comes_back_when_the_drif
         loss.backward()
         opt.step()
     y = gen(noise, labels, alpha).detach()
-    assert ((y > -1) & ink).any() and not ((y > -1) & ~ink).any()  # ink came back, and only where it was asked for
+    assert torch.equal(y > -1, ink.expand_as(y))  # all the ink came back, and only where it was asked for
 
 
 def test_dit_attention_under_cpu_bf16_autocast_matches_float64_without_torchs_cpu_flash_kernel(monkeypatch):
