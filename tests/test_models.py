@@ -195,7 +195,8 @@ def test_a_generator_whose_every_pixel_fell_below_black_comes_back_when_the_drif
     labels, alpha = torch.tensor([0, 1, 0, 1]), torch.ones(4)
     # where the drift asks for ink: the middle 2x2 pixels of every 4x4 patch, which the output layer alone can draw
     middle = torch.tensor([False, True, True, False])
-    ink = (middle.repeat(4)[:, None] & middle.repeat(4)[None, :]).view(1, 1, 16, 16)
+    in_patch = middle[:, None] & middle[None, :]  # (4, 4)
+    ink = in_patch.repeat(4, 4).view(1, 1, 16, 16)
     drift_to = lambda y: torch.where(ink, 0.5, -1.5) - y  # toward grey ink there, further below black elsewhere
     y = gen(noise, labels, alpha)
     assert torch.equal(y, torch.full_like(y, -1.0))
@@ -205,7 +206,7 @@ def test_a_generator_whose_every_pixel_fell_below_black_comes_back_when_the_drif
     (g_max,) = torch.autograd.grad(-(gen(noise, labels, alpha).clamp_min(-1) * ink).sum(), gen.out.bias)
     gen.black_floor = True
     (g_lift,) = torch.autograd.grad(-(gen(noise, labels, alpha) * ink).sum(), gen.out.bias)
-    lifted = (middle[:, None] & middle[None, :]).flatten()  # the bias is ordered (row, column, channel) in a patch
+    lifted = in_patch.flatten()  # the bias is ordered (row, column, channel) in a patch
     assert torch.equal(g_max, torch.zeros_like(g_max)) and (g_lift[lifted] < 0).all() and (g_lift[~lifted] == 0).all()
     # only the output layer learns: with every layer at this lr, whole samples came back and fell again, and the 60th
     # step caught them up on one CPU and down on another (the floor's part is the same either way)
