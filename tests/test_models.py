@@ -197,7 +197,7 @@ def test_a_generator_whose_every_pixel_fell_below_black_comes_back_when_the_drif
     middle = torch.tensor([False, True, True, False])
     in_patch = middle[:, None] & middle[None, :]  # (4, 4)
     ink = in_patch.repeat(4, 4).view(1, 1, 16, 16)
-    drift_to = lambda y: torch.where(ink, 0.5, -1.5) - y  # toward grey ink there, further below black elsewhere
+    target = torch.where(ink, 0.5, -1.5)  # the drift points to grey ink there, further below black elsewhere
     y = gen(noise, labels, alpha)
     assert torch.equal(y, torch.full_like(y, -1.0))
     (g_down,) = torch.autograd.grad((y * ~ink).sum(), gen.out.bias)  # pushing down only (g > 0): nothing passes
@@ -213,7 +213,7 @@ def test_a_generator_whose_every_pixel_fell_below_black_comes_back_when_the_drif
     opt = torch.optim.Adam(gen.out.parameters(), lr=0.05)
     for _ in range(60):
         y = gen(noise, labels, alpha)
-        loss = (y - (y + drift_to(y)).detach()).square().sum()
+        loss = (y - target).square().sum()  # the drift loss |y - stopgrad(y + V)|^2 with V = target - y
         opt.zero_grad()
         loss.backward()
         opt.step()
